@@ -1,0 +1,146 @@
+"""The Learner concept: one small abstract base every compression method implements.
+
+A learner never sees the optimizer or the file system. The search asks it for its
+`search_space`, hands it a point (`params`), lets it `project` the point onto the
+target ratio, and calls `compress`; the CLI/API call `export`.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from pocketflow.config import Field, validate_section
+from pocketflow.errors import ConfigError, PocketFlowError
+from pocketflow.registry import Registry
+
+LEARNERS: Registry[type["Learner"]] = Registry("learner")
+METRICS = ("compression", "flops", "params", "latency")
+
+
+def register(name: str):
+    """Class decorator: `@register("weight_sparsity") class WeightSparsity(Learner): ...`"""
+    def deco(cls):
+        cls.name = name
+        return LEARNERS.register(name)(cls)
+    return deco
+
+
+@dataclass
+class Budget:
+    """How long to fine-tune: `epochs` (may be fractional) or `steps`, plus a per-epoch callback."""
+    epochs: float | None = None
+    steps: int | None = None
+    on_epoch_end: Callable[[int, dict], None] | None = None
+
+
+@dataclass
+class Compressed:
+    """A learner's output.
+
+    model:       the Keras model as trained (may hold wrapper layers: masks, fake quant).
+    deploy:      a plain Keras model with the compressed weights baked in (what is exported).
+    size_bytes:  exact bytes of the compressed representation (documented per learner).
+    info:        per-layer ratios / bits / sparsity etc. for reports.
+    history:     the fine-tuning History, if any.
+    """
+    model: Any
+    deploy: Any
+    size_bytes: int
+    info: dict = field(default_factory=dict)
+    history: Any = None
+    nonzero_params: int | None = None
+
+
+class Learner(abc.ABC):
+    name: ClassVar[str] = "base"
+    #: learner-specific config keys (the `learner:` section), validated by pocketflow.config
+    params: ClassVar[dict[str, Field]] = {}
+    #: metrics this learner can move (others raise at set-up)
+    metrics: ClassVar[tuple[str, ...]] = METRICS
+
+    def __init__(self, cfg: dict, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+
+    # -- search ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def search_space(self, model) -> dict:
+        """Named dimensions (hpo.space.Float/Int/Categorical), per layer where it makes sense."""
+
+    def default_params(self, model) -> dict:
+        """The point used without a search (uniform settings from the config)."""
+        return {}
+
+    def predict_ratio(self, model, params: dict, metric: str) -> float:
+        """The ratio `params` will give for `metric`, computed before any training."""
+        raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'")
+
+    def max_ratio(self, model, metric: str) -> float:
+        """The largest ratio this learner can reach (an impossible target is refused up front)."""
+        raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'")
+
+    def project(self, model, params: dict, metric: str, ratio: float) -> dict:
+        """Move `params` so that predict_ratio(params) meets `ratio` (default: unchanged)."""
+        return dict(params)
+
+    # -- compression ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def compress(self, model, params: dict, data, budget: Budget, hooks=()) -> Compressed:
+        """Compress a copy of `model` (never modify it in place) and fine-tune within `budget`."""
+
+    def measure(self, original, compressed: Compressed, metric: str) -> float:
+        """The measured ratio of a compressed candidate (after compression, exact)."""
+        from pocketflow import metrics as M
+        if metric == "compression":
+            return M.float_bytes(original) / max(1, compressed.size_bytes)
+        if metric == "flops":
+            return M.count_macs(original) / max(1, M.count_macs(compressed.deploy))
+        if metric == "params":
+            nz = compressed.nonzero_params if compressed.nonzero_params is not None else M.count_params(compressed.deploy)
+            return M.count_params(original) / max(1, nz)
+        if metric == "latency":
+            from pocketflow.export import to_tflite
+            shape = tuple(original.input_shape[1:])
+            return (M.tflite_latency(to_tflite(original), shape) /
+                    M.tflite_latency(to_tflite(compressed.deploy), shape))
+        raise PocketFlowError(f"unknown metric '{metric}'")
+
+    # -- shared helpers ---------------------------------------------------------------------
+    def fine_tune_hooks(self, teacher) -> list:
+        """Distillation from the original model, for every learner, when enabled."""
+        from pocketflow.training import DistillationHook
+        d = self.cfg.get("distill") or {}
+        if d.get("enabled"):
+            return [DistillationHook(teacher, d.get("temperature", 4.0), d.get("weight", 0.5))]
+        return []
+
+    def fine_tune(self, model, data, budget: Budget, teacher=None, hooks=()):
+        """Fine-tune with the `learner.fine_tune` section and the shared trainer."""
+        from pocketflow.training import Trainer
+        if not (budget.steps or budget.epochs):
+            return None
+        hooks = list(hooks) + (self.fine_tune_hooks(teacher) if teacher is not None else [])
+        trainer = Trainer(model, data, self.cfg["fine_tune"], hooks=hooks, seed=self.seed)
+        return trainer.fit(epochs=budget.epochs, steps=budget.steps, on_epoch_end=budget.on_epoch_end)
+
+    @classmethod
+    def validate(cls, section: dict, source: str) -> dict:
+        """Validate the learner-specific keys; returns the section with defaults filled in."""
+        base = {k: section[k] for k in ("name", "fine_tune", "distill") if k in section}
+        own = {k: v for k, v in section.items() if k not in base}
+        resolved = validate_section(own, cls.params, "learner", source)
+        for k, f in cls.params.items():
+            if k in resolved:
+                section[k] = resolved[k]
+        return section
+
+
+def validate_learner_section(section: dict, source: str) -> None:
+    cls = LEARNERS.get(section["name"])
+    try:
+        cls.validate(section, source)
+    except ConfigError:
+        raise
+    except PocketFlowError as e:
+        raise ConfigError(f"{source}: {e}") from None

@@ -1,0 +1,5 @@
+import sys
+
+from pocketflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,300 @@
+"""The one config schema, validated once on load.
+
+Every section is declared with `Field`s; learner-specific keys are declared by the
+learner class itself (`Learner.params`) and validated by the same code. Errors are
+one line naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pocketflow.errors import ConfigError
+from pocketflow.registry import did_you_mean
+
+_MISSING = object()
+
+
+@dataclass
+class Field:
+    """One config key: its type(s), default, and an optional check returning an error or None."""
+    type: type | tuple = object
+    default: Any = None
+    required: bool = False
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+    help: str = ""
+    schema: dict | None = None  # nested section
+    open: bool = False  # nested dict with free keys
+
+
+def positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def in_unit(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _type_name(t) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            list: "a list", dict: "a mapping"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _is_type(value, t) -> bool:
+    if isinstance(t, tuple):
+        return any(_is_type(value, x) for x in t)
+    if t is object:
+        return True
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+TRAIN = {
+    "epochs": Field((int, float), 5, check=non_negative, help="passes over the training split (0: none)"),
+    "steps": Field((int, type(None)), None, help="stop after this many steps (overrides epochs)"),
+    "batch_size": Field(int, 128, check=positive),
+    "optimizer": Field(str, "adam", choices=("adam", "sgd", "rmsprop", "adamw")),
+    "learning_rate": Field(float, 1e-3, check=positive),
+    "schedule": Field(str, "constant", choices=("constant", "cosine", "step")),
+    "momentum": Field(float, 0.9),
+    "weight_decay": Field(float, 0.0),
+    "label_smoothing": Field(float, 0.0),
+    "scale_lr": Field(bool, True, help="multiply the learning rate by the Horovod world size"),
+    "early_stopping": Field((int, type(None)), None, help="patience in epochs on validation accuracy"),
+    "tensorboard": Field(bool, False),
+    "verbose": Field(bool, True),
+}
+
+DISTILL = {
+    "enabled": Field(bool, False),
+    "temperature": Field(float, 4.0, check=positive),
+    "weight": Field(float, 0.5),
+}
+
+SCHEMA: dict[str, Field] = {
+    "name": Field(str, "run", help="run name: output goes to <output.dir>/<name>"),
+    "seed": Field(int, 0),
+    "data": Field(schema={
+        "name": Field((str, type(None)), None, help="mnist | fashion_mnist | cifar10 | cifar100 | npz | directory"),
+        "path": Field((str, type(None)), None, help=".npz file or image directory"),
+        "val_split": Field(float, 0.1, check=in_unit),
+        "augment": Field(bool, False, help="random 2-pixel shift + horizontal flip"),
+        "limit_train": Field((int, type(None)), None, help="use only the first N training images"),
+        "limit_test": Field((int, type(None)), None),
+        "image_size": Field((list, type(None)), None, help="[h, w] for image directories"),
+    }),
+    "model": Field(schema={
+        "name": Field((str, type(None)), None, help="zoo name, a .keras path or module:function"),
+        "args": Field(dict, {}, open=True),
+        "pretrained": Field((bool, type(None)), None, help="skip baseline training (default: true for files)"),
+        "unsafe_load": Field(bool, False, help="allow Lambda layers etc. when loading .keras"),
+    }),
+    "train": Field(schema=TRAIN),
+    "learner": Field(schema={
+        "name": Field(str, "full_precision"),
+        "fine_tune": Field(schema=TRAIN),
+        "distill": Field(schema=DISTILL),
+        # learner-specific keys are validated against the learner's own `params`
+    }, open=True),
+    "target": Field(schema={
+        "metric": Field(str, "compression", choices=("compression", "flops", "params", "latency")),
+        "ratio": Field((float, type(None)), None),
+    }),
+    "search": Field(schema={
+        "optimizer": Field(str, "none", help="none | tpe | gp | random | grid"),
+        "trials": Field(int, 10, check=positive),
+        "storage": Field((str, type(None)), None, help="SQLAlchemy URL; default sqlite in the run dir"),
+        "study_name": Field((str, type(None)), None),
+        "pruner": Field(str, "median", choices=("none", "median", "halving")),
+        "trial_epochs": Field((int, float), 1, check=positive),
+        "trial_steps": Field((int, type(None)), None),
+        "fix": Field(dict, {}, open=True, help="dimension -> fixed value"),
+        "space": Field(dict, {}, open=True, help="dimension -> [low, high] or list of choices"),
+        "timeout": Field((int, float, type(None)), None, help="seconds"),
+    }),
+    "export": Field(schema={
+        "formats": Field(list, ["keras", "tflite"]),
+        "quantize": Field((str, type(None)), None, choices=(None, "int8", "dynamic", "float16")),
+        "verify": Field(bool, True, help="run the TFLite model and compare with Keras"),
+    }),
+    "output": Field(schema={
+        "dir": Field(str, "runs"),
+    }),
+}
+
+
+def _defaults(schema: dict) -> dict:
+    out = {}
+    for k, f in schema.items():
+        out[k] = _defaults(f.schema) if f.schema is not None else copy.deepcopy(f.default)
+    return out
+
+
+def validate_section(values: dict, schema: dict, where: str, source: str, open_: bool = False) -> dict:
+    """Merge `values` over the schema defaults and check every key; return the resolved dict."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {type(values).__name__}")
+    out = _defaults(schema)
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        f = schema.get(key)
+        if f is None:
+            if open_:
+                out[key] = value
+                continue
+            raise ConfigError(f"{source}: unknown key '{dotted}'{did_you_mean(key, schema)}")
+        if f.schema is not None:
+            out[key] = validate_section(value, f.schema, dotted, source, f.open)
+            continue
+        out[key] = check_value(value, f, dotted, source)
+    for key, f in schema.items():
+        if f.required and values.get(key, _MISSING) is _MISSING:
+            raise ConfigError(f"{source}: missing required key '{where + '.' if where else ''}{key}'")
+    return out
+
+
+def check_value(value, f: Field, dotted: str, source: str):
+    if isinstance(f.type, tuple) and float in f.type or f.type is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value) if f.type is float else value
+    if not _is_type(value, f.type):
+        raise ConfigError(f"{source}: '{dotted}' must be {_type_name(f.type)}, got {value!r}")
+    if f.choices is not None and value not in f.choices:
+        raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(map(str, f.choices))}; "
+                          f"got {value!r}{did_you_mean(value, f.choices)}")
+    if f.check is not None and value is not None:
+        msg = f.check(value)
+        if msg:
+            raise ConfigError(f"{source}: '{dotted}' {msg}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected KEY=VALUE, e.g. learner.fine_tune.epochs=2")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    raw = copy.deepcopy(raw)
+    for text in overrides or ():
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+@dataclass
+class Config:
+    """The resolved, validated configuration (plain nested dicts) plus where it came from."""
+    data: dict
+    source: str = "<dict>"
+    raw: dict = field(default_factory=dict)
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def to_yaml(self) -> str:
+        from pocketflow.io import to_builtin
+        return yaml.safe_dump(to_builtin(self.data), sort_keys=False)
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} malformed YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(source=None, overrides=(), target_ratio=None, **sections) -> Config:
+    """Load and validate a config from a YAML path or a dict (plus --set style overrides)."""
+    if source is None:
+        raw, name = {}, "<dict>"
+    elif isinstance(source, dict):
+        raw, name = copy.deepcopy(source), "<dict>"
+    else:
+        raw, name = read_yaml(source), str(source)
+    for k, v in sections.items():
+        raw[k] = v
+    raw = apply_overrides(raw, overrides)
+    if target_ratio is not None:
+        raw.setdefault("target", {})
+        if not isinstance(raw["target"], dict):
+            raise ConfigError(f"{name}: 'target' must be a mapping")
+        raw["target"]["ratio"] = target_ratio
+    data = validate_section(raw, SCHEMA, "", name)
+    _validate_cross(data, name)
+    return Config(data=data, source=name, raw=raw)
+
+
+def _validate_cross(d: dict, source: str) -> None:
+    """Checks that span sections or depend on registries (learners, datasets, optimizers)."""
+    from pocketflow.learners import LEARNERS, validate_learner_section
+
+    ratio = d["target"]["ratio"]
+    if ratio is not None and not ratio > 1:
+        raise ConfigError(f"{source}: 'target.ratio' must be > 1 (a compression factor), got {ratio!r}")
+    LEARNERS.get(d["learner"]["name"]) if d["learner"]["name"] in LEARNERS else _unknown(
+        "learner.name", d["learner"]["name"], LEARNERS.names(), source)
+    validate_learner_section(d["learner"], source)
+    from pocketflow.hpo import OPTIMIZERS
+    opt = d["search"]["optimizer"]
+    if opt != "none" and opt not in OPTIMIZERS:
+        _unknown("search.optimizer", opt, ["none"] + OPTIMIZERS.names(), source)
+    for fmt in d["export"]["formats"]:
+        if fmt not in ("keras", "saved_model", "tflite"):
+            raise ConfigError(f"{source}: 'export.formats' has unknown format {fmt!r}; "
+                              "choose from keras, saved_model, tflite")
+    if d["data"]["name"] is None and d["data"]["path"] is None:
+        raise ConfigError(f"{source}: missing required key 'data.name' (or 'data.path')")
+    if d["model"]["name"] is None:
+        raise ConfigError(f"{source}: missing required key 'model.name'")
+
+
+def _unknown(key, value, choices, source):
+    raise ConfigError(f"{source}: '{key}' unknown value {value!r}{did_you_mean(value, choices)}; "
+                      f"choose from: {', '.join(choices)}")

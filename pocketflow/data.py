@@ -1,0 +1,179 @@
+"""Datasets: named (keras.datasets and its offline cache), `.npz` files, image directories.
+
+Everything becomes a `Dataset` of numpy arrays (float32 in [0, 1], NHWC) with a
+validation split carved from the training set: the search scores on validation,
+the test split is only for the final report.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pocketflow.errors import PocketFlowError
+from pocketflow.registry import Registry
+
+DATASETS: Registry[Callable[[dict], tuple]] = Registry("dataset")
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    augment: bool = False
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+    def representative(self, n: int = 200, seed: int = 0) -> np.ndarray:
+        """Training images for int8 calibration (never validation or test)."""
+        idx = np.random.default_rng(seed).permutation(len(self.x_train))[:n]
+        return self.x_train[idx]
+
+    def split(self, which: str):
+        return {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val),
+                "test": (self.x_test, self.y_test)}[which]
+
+
+def _keras_dataset(module: str):
+    def load(cfg):
+        import keras
+        try:
+            return getattr(keras.datasets, module).load_data()
+        except Exception as e:  # network failure on a machine without the cache
+            raise PocketFlowError(
+                f"dataset '{module}' could not be loaded ({type(e).__name__}); it downloads on first use "
+                f"into ~/.keras/datasets — run scripts/setup.sh or give data.path to an .npz") from None
+    return load
+
+
+for _name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
+    DATASETS.register(_name)(_keras_dataset(_name))
+
+
+@DATASETS.register("npz")
+def load_npz(cfg):
+    path = Path(cfg["path"] or "")
+    if not path.is_file():
+        raise PocketFlowError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
+            if missing:
+                raise PocketFlowError(f"{path}: .npz lacks arrays {', '.join(missing)} "
+                                      "(needs x_train, y_train, x_test, y_test)")
+            return (z["x_train"], z["y_train"]), (z["x_test"], z["y_test"])
+    except PocketFlowError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise PocketFlowError(f"{path}: not a readable .npz file ({e})") from None
+
+
+@DATASETS.register("directory")
+def load_directory(cfg):
+    """`root/{train,test}/<class>/*.png|jpg`; or `root/<class>/*` split 80/20 by a fixed seed."""
+    import keras
+    root = Path(cfg["path"] or "")
+    if not root.is_dir():
+        raise PocketFlowError(f"image directory not found: {root}")
+    size = tuple(cfg.get("image_size") or (32, 32))
+
+    def read(d):
+        classes = sorted(p.name for p in d.iterdir() if p.is_dir())
+        xs, ys = [], []
+        for ci, c in enumerate(classes):
+            for f in sorted((d / c).iterdir()):
+                if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                    img = keras.utils.load_img(f, target_size=size)
+                    xs.append(keras.utils.img_to_array(img))
+                    ys.append(ci)
+        if not xs:
+            raise PocketFlowError(f"{d}: no images found in class sub-directories")
+        return np.stack(xs).astype(np.uint8), np.array(ys)
+
+    if (root / "train").is_dir():
+        return read(root / "train"), read(root / ("test" if (root / "test").is_dir() else "train"))
+    x, y = read(root)
+    idx = np.random.default_rng(0).permutation(len(x))
+    cut = int(0.8 * len(x))
+    return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
+
+
+def _prepare(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise PocketFlowError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+    if x.dtype == np.uint8 or x.max(initial=0) > 1.5:
+        return (x.astype(np.float32) / 255.0)
+    return x.astype(np.float32)
+
+
+def load_dataset(cfg: dict, seed: int = 0) -> Dataset:
+    """Build the train/val/test arrays from the `data` config section."""
+    name = cfg.get("name")
+    if name is None:
+        path = Path(cfg.get("path") or "")
+        name = "directory" if path.is_dir() else "npz"
+    (x_tr, y_tr), (x_te, y_te) = DATASETS.get(name)(cfg)
+    x_tr, x_te = _prepare(x_tr), _prepare(x_te)
+    y_tr = np.asarray(y_tr).reshape(-1).astype(np.int32)
+    y_te = np.asarray(y_te).reshape(-1).astype(np.int32)
+    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
+        raise PocketFlowError(f"dataset '{name}': images and labels differ in length")
+    if cfg.get("limit_train"):
+        x_tr, y_tr = x_tr[: cfg["limit_train"]], y_tr[: cfg["limit_train"]]
+    if cfg.get("limit_test"):
+        x_te, y_te = x_te[: cfg["limit_test"]], y_te[: cfg["limit_test"]]
+    # validation: a fixed, seeded subset of the training data
+    idx = np.random.default_rng(seed).permutation(len(x_tr))
+    n_val = int(round(len(x_tr) * float(cfg.get("val_split", 0.1))))
+    val, tr = idx[:n_val], np.sort(idx[n_val:])
+    num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0)) + 1)
+    return Dataset(name=name, x_train=x_tr[tr], y_train=y_tr[tr], x_val=x_tr[val], y_val=y_tr[val],
+                   x_test=x_te, y_test=y_te, num_classes=num_classes, augment=bool(cfg.get("augment")))
+
+
+def augment_batch(x, seed=None):
+    """Random 2-pixel shift + horizontal flip (the baselines' augmentation), in TF ops."""
+    import tensorflow as tf
+    shape = tf.shape(x)
+    h, w = shape[1], shape[2]
+    padded = tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT")
+    x = tf.image.random_crop(padded, tf.stack([shape[0], h, w, shape[3]]))
+    flip = tf.random.uniform([shape[0], 1, 1, 1]) < 0.5
+    return tf.where(flip, tf.reverse(x, axis=[2]), x)
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+            epoch: int = 0, rank: int = 0, world: int = 1, drop_remainder: bool = False):
+    """Yield (x, y) numpy batches in a seeded order.
+
+    Under Horovod each *global* batch is split evenly between ranks, so N ranks with
+    batch B/N see exactly the data a single process sees with batch B.
+    """
+    n = len(x)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        sel = order[start:start + batch_size]
+        if len(sel) < batch_size:
+            if drop_remainder:
+                break
+            sel = sel[: len(sel) - len(sel) % world]  # every rank gets the same share
+            if len(sel) == 0:
+                break
+        if world > 1:
+            per = len(sel) // world
+            sel = sel[rank * per:(rank + 1) * per]
+        yield x[sel], y[sel]
