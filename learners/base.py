@@ -80,9 +80,34 @@ class Learner(abc.ABC):
         """The largest ratio this learner can reach (an impossible target is refused up front)."""
         raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'")
 
-    def project(self, model, params: dict, metric: str, ratio: float) -> dict:
-        """Move `params` so that predict_ratio(params) meets `ratio` (default: unchanged)."""
-        return dict(params)
+    def scale(self, params: dict, alpha: float) -> dict:
+        """A one-knob family of points through `params`: alpha=1 keeps `params`, smaller alpha
+        compresses more, alpha=0 compresses most. Learners with per-layer ratios/bits implement
+        it so that `project` can meet a target without knowing their insides."""
+        raise PocketFlowError(f"learner '{self.name}' cannot be projected onto a target")
+
+    def project(self, model, params: dict, metric: str, ratio: float, tol: float = 0.01) -> dict:
+        """Move `params` along `scale` so predict_ratio meets `ratio` (within `tol`, or above).
+
+        Bisection on alpha: the predicted ratio must fall as alpha grows. A point that already
+        meets the target is pulled back towards it (less compression = more accuracy).
+        """
+        lo, hi = 0.0, 1.0
+        if self.predict_ratio(model, self.scale(params, lo), metric) < ratio * (1 - 1e-9):
+            raise PocketFlowError(f"target {metric} ratio {ratio:g}x is out of reach for learner "
+                                  f"'{self.name}' (maximum {self.max_ratio(model, metric):.2f}x)")
+        if self.predict_ratio(model, self.scale(params, hi), metric) >= ratio:
+            # already compressed enough; grow alpha beyond 1 only if the learner allows it
+            return self.scale(params, hi)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if self.predict_ratio(model, self.scale(params, mid), metric) >= ratio:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-4:
+                break
+        return self.scale(params, lo)
 
     # -- compression ----------------------------------------------------------------------
     @abc.abstractmethod
