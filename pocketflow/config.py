@@ -46,9 +46,10 @@ def in_unit(v):
 
 def _type_name(t) -> str:
     if isinstance(t, tuple):
-        return " or ".join(_type_name(x) for x in t)
+        names = [_type_name(x) for x in t if not (x is int and float in t)]
+        return " or ".join(names)
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            list: "a list", dict: "a mapping"}.get(t, getattr(t, "__name__", str(t)))
+            list: "a list", dict: "a mapping", type(None): "null"}.get(t, getattr(t, "__name__", str(t)))
 
 
 def _is_type(value, t) -> bool:

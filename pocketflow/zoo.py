@@ -190,13 +190,18 @@ def load_from_function(spec: str, input_shape, num_classes: int, args: dict | No
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
         raise PocketFlowError(f"model '{spec}': cannot import ({e})") from None
+    kwargs = dict(args or {})
+    import inspect
     try:
-        model = fn(**(args or {}))
-    except TypeError:
-        try:
-            model = fn(input_shape=tuple(input_shape), num_classes=num_classes, **(args or {}))
-        except Exception as e:
-            raise PocketFlowError(f"model '{spec}' raised {type(e).__name__}: {e}") from None
+        sig = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        sig = {}
+    takes_kw = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+    for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)):
+        if key in sig or takes_kw:
+            kwargs.setdefault(key, value)  # the data decides the shape and class count
+    try:
+        model = fn(**kwargs)
     except Exception as e:
         raise PocketFlowError(f"model '{spec}' raised {type(e).__name__}: {e}") from None
     if not isinstance(model, keras.Model):
