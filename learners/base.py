@@ -132,20 +132,33 @@ class Learner(abc.ABC):
         raise PocketFlowError(f"unknown metric '{metric}'")
 
     # -- shared helpers ---------------------------------------------------------------------
-    def fine_tune_hooks(self, teacher) -> list:
+    def distill_space(self) -> dict:
+        """Temperature and weight become search dimensions when distillation is on."""
+        from pocketflow.hpo.space import Float
+        if not (self.cfg.get("distill") or {}).get("enabled"):
+            return {}
+        return {"distill/temperature": Float(1.0, 10.0), "distill/weight": Float(0.1, 0.9)}
+
+    def full_space(self, model) -> dict:
+        """What the search explores: the learner's own dimensions plus distillation's."""
+        return {**self.search_space(model), **self.distill_space()}
+
+    def fine_tune_hooks(self, teacher, params: dict | None = None) -> list:
         """Distillation from the original model, for every learner, when enabled."""
         from pocketflow.training import DistillationHook
         d = self.cfg.get("distill") or {}
-        if d.get("enabled"):
-            return [DistillationHook(teacher, d.get("temperature", 4.0), d.get("weight", 0.5))]
-        return []
+        if not d.get("enabled"):
+            return []
+        p = params or {}
+        return [DistillationHook(teacher, p.get("distill/temperature", d.get("temperature", 4.0)),
+                                 p.get("distill/weight", d.get("weight", 0.5)))]
 
-    def fine_tune(self, model, data, budget: Budget, teacher=None, hooks=()):
+    def fine_tune(self, model, data, budget: Budget, teacher=None, hooks=(), params: dict | None = None):
         """Fine-tune with the `learner.fine_tune` section and the shared trainer."""
         from pocketflow.training import Trainer
         if not (budget.steps or budget.epochs):
             return None
-        hooks = list(hooks) + (self.fine_tune_hooks(teacher) if teacher is not None else [])
+        hooks = list(hooks) + (self.fine_tune_hooks(teacher, params) if teacher is not None else [])
         trainer = Trainer(model, data, self.cfg["fine_tune"], hooks=hooks, seed=self.seed)
         return trainer.fit(epochs=budget.epochs, steps=budget.steps, on_epoch_end=budget.on_epoch_end)
 

@@ -244,7 +244,6 @@ class DistillationHook(TrainHook):
 
     def __init__(self, teacher, temperature: float = 4.0, weight: float = 0.5):
         self.teacher, self.t, self.weight = teacher, float(temperature), float(weight)
-        self.teacher.trainable = False
 
     def loss(self, x, y, logits):
         import tensorflow as tf
