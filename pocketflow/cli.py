@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -150,6 +151,10 @@ def main(argv=None) -> int:
         import tensorflow as tf
         tf.config.list_physical_devices("GPU")  # triggers cuInit, which logs on machines without GPUs
     from pocketflow.errors import PocketFlowError
+
+    def _term(signum, frame):  # SIGTERM stops like Ctrl-C: the running trial is marked, files stay whole
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)
     try:
         return COMMANDS[args.command](args)
     except PocketFlowError as e:

@@ -125,3 +125,18 @@ def quiet_stderr(fds=(2,)):
             for fd, s in zip(fds, saved):
                 os.dup2(s, fd)
                 os.close(s)
+
+
+def redact_url(url: str | None) -> str | None:
+    """Hide the password of a storage URL before it is printed or written anywhere."""
+    if not url or "://" not in url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
