@@ -40,6 +40,9 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=16)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", choices=("blog", "sparsity"), default="blog",
+                    help="blog: the TF blog table; sparsity: prune_low_magnitude at --levels, ± int8")
+    ap.add_argument("--levels", default="0.5,0.75,0.9,0.95")
     a = ap.parse_args(argv)
 
     import tensorflow as tf
@@ -79,6 +82,23 @@ def main(argv=None):
             r["h5_gzip_bytes"] = gzip_size(p)
         return r
 
+    def copy(m):  # TFMOT wrappers share the wrapped layers: every pipeline starts from a copy
+        c = keras.models.clone_model(m)
+        c.set_weights(m.get_weights())
+        return c
+
+    def prune(m, sparsity):
+        steps = int(np.ceil(len(xtr) * 0.9 / 128) * a.ft_epochs)
+        end = max(1, int(steps * 0.8))
+        sched = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, 0, end, frequency=max(1, end // 20))
+        pr = tfmot.sparsity.keras.prune_low_magnitude(copy(m), pruning_schedule=sched)
+        fit(pr, a.ft_epochs, [tfmot.sparsity.keras.UpdatePruningStep()])
+        return tfmot.sparsity.keras.strip_pruning(pr)
+
+    def measured_sparsity(m):
+        ws = [w for w in m.get_weights() if w.ndim > 1]
+        return float(sum((w == 0).sum() for w in ws) / sum(w.size for w in ws))
+
     t0 = time.time()
     base = keras.Sequential([keras.layers.InputLayer((28, 28)), keras.layers.Reshape((28, 28, 1)),
                              keras.layers.Conv2D(12, 3, activation="relu"), keras.layers.MaxPooling2D(2),
@@ -86,20 +106,18 @@ def main(argv=None):
     fit(base, a.epochs)
     rows = [row("baseline", base, False)]
 
-    # pruning (polynomial 0 -> s over the fine-tune), stripped
-    steps = int(np.ceil(len(xtr) * 0.9 / 128) * a.ft_epochs)
-    def copy(m):  # TFMOT wrappers share the wrapped layers: every pipeline starts from a copy
-        c = keras.models.clone_model(m)
-        c.set_weights(m.get_weights())
-        return c
+    if a.mode == "sparsity":
+        for level in [float(v) for v in a.levels.split(",")]:
+            pruned = prune(base, level)
+            for quant in (False, True):
+                r = row(f"prune_low_magnitude {level:.0%}" + (" + int8" if quant else ""), pruned, quant)
+                r["sparsity"] = measured_sparsity(pruned)
+                rows.append(r)
+        return dump(rows, t0, a)
 
-    end = max(1, int(steps * 0.8))
-    sched = tfmot.sparsity.keras.PolynomialDecay(0.0, a.sparsity, 0, end, frequency=max(1, end // 20))
-    pr = tfmot.sparsity.keras.prune_low_magnitude(copy(base), pruning_schedule=sched)
-    fit(pr, a.ft_epochs, [tfmot.sparsity.keras.UpdatePruningStep()])
-    pruned = tfmot.sparsity.keras.strip_pruning(pr)
+    pruned = prune(base, a.sparsity)
     rows.append(row("pruned (float TFLite)", pruned, False))
-    rows[-1]["sparsity"] = float(np.mean([np.mean(w == 0) for w in pruned.get_weights() if w.ndim > 1]))
+    rows[-1]["sparsity"] = measured_sparsity(pruned)
 
     qat = tfmot.quantization.keras.quantize_model(copy(base))
     fit(qat, 1)
@@ -123,6 +141,11 @@ def main(argv=None):
     fit(pcqat, 1)
     rows.append(row("pruned + clustered + QAT + TFLite (PCQAT)", pcqat, True))
 
+    return dump(rows, t0, a)
+
+
+def dump(rows, t0, a):
+    import tensorflow as tf
     out = {"tool": "tfmot", "tf": tf.__version__, "rows": rows, "seconds": time.time() - t0,
            "settings": vars(a)}
     with open(a.out, "w") as f:
