@@ -74,7 +74,19 @@ def prepare_run_dir(cfg: Config, output: str | None, resume: bool, force: bool) 
             raise PocketFlowError(f"run directory {run_dir} already exists; use --resume to continue it "
                                   "or --force to start over")
     run_dir.mkdir(parents=True, exist_ok=True)
+    recover_run_dir(run_dir)
     return run_dir
+
+
+def recover_run_dir(run_dir: Path) -> None:
+    """Undo what a killed process left half-done: staging dirs, a best/ swapped out but not in."""
+    best, old = run_dir / "best", run_dir / ".best.old"
+    if not best.exists() and old.exists():
+        os.replace(old, best)
+    for p in run_dir.glob(".best.*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def load_data_and_model(cfg: Config):
@@ -156,6 +168,7 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
     from pocketflow import metrics as M
     from pocketflow.distributed import world
     from pocketflow.export import export_model
+    from pocketflow.faults import crash_point
     from pocketflow.io import atomic_replace_dir, atomic_write_json
     from pocketflow.learners import Budget
     cfg, learner = ctx.cfg, ctx.learner
@@ -186,6 +199,7 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
                 entry["path"] = str(best / Path(entry["path"]).name)
         metrics["exports"] = files["files"]
         atomic_write_json(staging / "metrics.json", metrics)
+        crash_point("final_export")  # everything written, nothing swapped in yet
         atomic_replace_dir(staging, best)
         _log(f"best model: {best / 'model.keras'} (test accuracy {metrics['test_accuracy']:.4f}, "
              + ", ".join(f"{k} {v:.2f}x" for k, v in metrics["ratios"].items()) + ")")
