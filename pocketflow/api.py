@@ -85,8 +85,9 @@ def recover_run_dir(run_dir: Path) -> None:
         os.replace(old, best)
     for p in run_dir.glob(".best.*"):
         shutil.rmtree(p, ignore_errors=True)
-    for p in run_dir.rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
+    for pattern in (".*.tmp", ".*.keras"):  # temp files of pocketflow.io's atomic writes
+        for p in run_dir.rglob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def load_data_and_model(cfg: Config):
