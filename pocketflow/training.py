@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from pocketflow.data import Dataset, augment_batch, batches
 from pocketflow.distributed import world
-from pocketflow.errors import TrialFailed
+from pocketflow.errors import PocketFlowError, TrialFailed
 
 
 class TrainHook:
@@ -27,7 +25,9 @@ class TrainHook:
         return None
 
     def on_train_begin(self, trainer: "Trainer") -> None:
-        pass
+        """Before the first step; `trainer.optimizer` is built. Under Horovod rank 0's state
+        (model and optimizer variables) is broadcast right after this, so changes made here
+        need not be identical across ranks."""
 
     def after_step(self, step: int) -> None:
         """Python-side, after the optimizer update (e.g. a pruning schedule)."""
@@ -55,9 +55,9 @@ def _from_logits(model) -> bool:
     return act is not keras.activations.softmax
 
 
-def make_optimizer(cfg: dict, total_steps: int, world_size: int = 1):
+def make_optimizer(cfg: dict, total_steps: int, lr_scale: float = 1.0):
     import keras
-    lr = cfg["learning_rate"] * (world_size if cfg.get("scale_lr", True) else 1)
+    lr = cfg["learning_rate"] * lr_scale
     if cfg["schedule"] == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(lr, max(1, total_steps))
     elif cfg["schedule"] == "step":
@@ -74,8 +74,44 @@ def make_optimizer(cfg: dict, total_steps: int, world_size: int = 1):
     return keras.optimizers.Adam(lr, weight_decay=wd)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How long `Trainer.fit` will run, known before it starts (the search needs it)."""
+    global_batch: int
+    lr_scale: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def plan(cfg: dict, n_train: int, epochs: float | None = None, steps: int | None = None,
+         world_size: int = 1) -> Plan:
+    """The Plan of a fit on `n_train` images with a `train`/`fine_tune` section (see Trainer)."""
+    lr_scale = world_size if cfg.get("scale_lr", False) else 1
+    global_batch = int(cfg["batch_size"]) * lr_scale
+    # the batches pocketflow.data.batches yields: every full one, and a short last one cut to a
+    # multiple of the world size unless that leaves nothing
+    per_epoch = max(1, n_train // global_batch + (1 if n_train % global_batch >= world_size else 0))
+    epochs = cfg["epochs"] if epochs is None else epochs
+    steps = steps if steps is not None else cfg.get("steps")
+    total = int(steps) if steps else int(math.ceil(epochs * per_epoch))
+    return Plan(global_batch, lr_scale, per_epoch, total)
+
+
 class Trainer:
-    """Fine-tunes `model` on `data` with the `train`/`fine_tune` config section."""
+    """Fine-tunes `model` on `data` with the `train`/`fine_tune` config section.
+
+    Under Horovod (see pocketflow.distributed) `batch_size` is the GLOBAL batch: each rank
+    trains on its 1/N share of every batch of the single-process order and the gradients are
+    averaged, so the update equals the single-process one with that batch (up to float
+    rounding) and the learning rate must not change. `scale_lr: true` selects the other
+    convention instead, the linear scaling rule (Goyal et al., 2017): `batch_size` is per rank,
+    the global batch is N times larger, and the learning rate is multiplied by N. Either way
+    every rank ends each step with identical weights, optimizer state and metrics.
+    """
 
     def __init__(self, model, data: Dataset, cfg: dict, hooks=(), seed: int = 0,
                  checkpoint: str | Path | None = None, log_dir: str | Path | None = None):
@@ -84,6 +120,7 @@ class Trainer:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.log_dir = Path(log_dir) if log_dir else None
         self.world = world()
+        self.optimizer = None  # built by fit()
 
     # -- the compiled step ------------------------------------------------------------------
     def _build_step(self, optimizer):
@@ -102,8 +139,12 @@ class Trainer:
                                                          label_smoothing=smoothing)
 
         variables = model.trainable_variables
+        x, y = self.data.x_train, self.data.y_train
+        # a None batch dimension: one trace for the whole fit, the short last batch included
+        signature = [tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+                     tf.TensorSpec((None,), tf.as_dtype(y.dtype))]
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=signature)
         def step(x, y):
             if augment:
                 x = augment_batch(x)
@@ -117,72 +158,72 @@ class Trainer:
                         total = total + extra
                 if model.losses:
                     total = total + tf.add_n(model.losses)
-            grads = tape.gradient(total, variables)
-            grads = w.allreduce_grads(grads)
+            acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                                  tf.cast(y, tf.int32)), tf.float32))
+            # one collective per step: the loss and accuracy ride with the gradients, and come
+            # back global, so every rank takes the same decisions (NaN check, early stopping)
+            *grads, total, acc = w.allreduce_grads([*tape.gradient(total, variables), total, acc])
             optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
-                                                     tf.cast(y, tf.int32)), tf.float32))
-            return total, correct
+            return total, acc
         return step
 
     def fit(self, epochs: float | None = None, steps: int | None = None,
             on_epoch_end: Callable[[int, dict], None] | None = None) -> History:
         """Train for `epochs` (may be fractional) or `steps`; evaluate on validation each epoch.
 
-        `on_epoch_end(epoch, logs)` may raise (the search uses it to prune poor trials).
+        `on_epoch_end(epoch, logs)` may raise (the search uses it to prune poor trials); under
+        Horovod it sees the same global logs on every rank, so a deterministic decision agrees.
         """
         cfg, data, w = self.cfg, self.data, self.world
-        epochs = cfg["epochs"] if epochs is None else epochs
-        steps = steps if steps is not None else cfg.get("steps")
-        batch = int(cfg["batch_size"])
-        global_batch = batch  # the data order is that of a single process with this batch
-        steps_per_epoch = max(1, len(data.x_train) // global_batch if w.distributed
-                              else math.ceil(len(data.x_train) / global_batch))
-        total_steps = int(steps) if steps else int(math.ceil(epochs * steps_per_epoch))
-        n_epochs = math.ceil(total_steps / steps_per_epoch)
-        optimizer = make_optimizer(cfg, total_steps, w.size)
-        optimizer.build(self.model.trainable_variables)
-        # identical start on every rank: weights, non-trainable state, optimizer slots
-        w.broadcast_variables(self.model.variables)
-        w.broadcast_variables(optimizer.variables)
-        step_fn = self._build_step(optimizer)
+        p = plan(cfg, len(data.x_train), epochs, steps, w.size)
+        global_batch, per_epoch, total_steps = p.global_batch, p.steps_per_epoch, p.total_steps
+        n_epochs = p.epochs
+        self._check_batch(global_batch)
+        self.optimizer = optimizer = make_optimizer(cfg, total_steps, p.lr_scale)
+        if not self.model.built:
+            self.model(data.x_train[:1])
+        optimizer.build(self.model.trainable_variables)  # creates the slots and iteration counter
         for h in self.hooks:
             h.on_train_begin(self)
+        # identical start on every rank, after the hooks (they may add or rewrite state): weights,
+        # non-trainable state, optimizer slots and iteration counter
+        w.broadcast_variables(self.model.variables + list(optimizer.variables))
+        step_fn = self._build_step(optimizer)
         hist, best, bad_epochs = History(), -1.0, 0
         writer = self._summary_writer()
         t_start = time.perf_counter()
         step = 0
         for epoch in range(n_epochs):
             t0 = time.perf_counter()
-            losses, correct, seen = [], 0.0, 0
-            n_this = min(steps_per_epoch, total_steps - step)
+            loss_sum, correct, seen, n_steps = 0.0, 0.0, 0, 0
+            n_this = min(per_epoch, total_steps - step)
             bar = self._bar(n_this, epoch, n_epochs)
             for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, global_batch, shuffle=True,
-                                                  seed=self.seed, epoch=epoch, rank=w.rank,
-                                                  world=w.size, drop_remainder=w.distributed)):
+                                                  seed=self.seed, epoch=epoch, rank=w.rank, world=w.size)):
                 if i >= n_this:
                     break
-                loss, corr = step_fn(xb, yb)
+                loss, acc = step_fn(xb, yb)
                 loss = float(loss)
                 if not math.isfinite(loss):
                     raise TrialFailed(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
                                       "try a lower learning rate")
-                losses.append(loss)
-                correct += float(corr)
-                seen += len(xb)
+                loss_sum += loss
+                n_steps += 1
+                correct += float(acc) * len(xb) * w.size  # every rank has an equal share
+                seen += len(xb) * w.size
                 step += 1
                 for h in self.hooks:
                     h.after_step(step)
                 if bar is not None:
                     bar.update(1)
                     if i % 20 == 0:
-                        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+                        bar.set_postfix(loss=f"{loss:.4f}")
             if bar is not None:
                 bar.close()
-            # keep float state (BN statistics, EMA ranges) identical across ranks
-            w.average_variables([v for v in self.model.non_trainable_variables])
-            logs = {"epoch": epoch + 1, "loss": w.mean(np.mean(losses) if losses else float("nan")),
-                    "acc": w.mean(correct / max(1, seen)), "steps": step}
+            # float state each rank updated from its own shard (BN statistics, EMA ranges)
+            w.average_variables(self.model.non_trainable_variables)
+            logs = {"epoch": epoch + 1, "loss": loss_sum / n_steps if n_steps else float("nan"),
+                    "acc": correct / max(1, seen), "steps": step}
             logs["val_acc"] = self.evaluate("val") if len(data.x_val) else None
             logs["seconds"] = time.perf_counter() - t0
             hist.epochs.append(logs)
@@ -218,10 +259,27 @@ class Trainer:
         hist.seconds = time.perf_counter() - t_start
         return hist
 
+    def _check_batch(self, global_batch: int) -> None:
+        w = self.world
+        if global_batch < w.size:
+            raise PocketFlowError(f"batch_size {global_batch} is smaller than the {w.size} Horovod ranks "
+                                  "it is split between")
+        if global_batch % w.size and w.is_root:
+            import warnings
+            warnings.warn(f"batch_size {global_batch} is not a multiple of the {w.size} Horovod ranks: "
+                          f"each rank trains on {global_batch // w.size} images, so "
+                          f"{global_batch % w.size} of every batch are skipped", RuntimeWarning, stacklevel=3)
+
     def evaluate(self, split: str = "val") -> float:
+        """Accuracy on a split; under Horovod each rank predicts 1/N of it (call on every rank)."""
         from pocketflow.metrics import accuracy
         x, y = self.data.split(split)
-        return accuracy(self.model, x, y)
+        w = self.world
+        if not w.distributed:
+            return accuracy(self.model, x, y)
+        xs, ys = x[w.rank::w.size], y[w.rank::w.size]
+        correct = round(accuracy(self.model, xs, ys) * len(ys)) if len(ys) else 0
+        return w.sum(correct) / max(1, len(y))
 
     def _bar(self, total, epoch, n_epochs):
         if not (self.cfg.get("verbose", True) and self.world.is_root):
