@@ -1,0 +1,328 @@
+"""Benchmark: weight_sparsity, uniform_quant, nonuniform_quant (and their chain) on real models.
+
+    python scripts/benchmarks/learners.py            # writes docs/benchmarks/learners.md
+
+(a) the pretrained VGG-small on the Fashion-MNIST test split (baseline 0.9416): sparsity 0.9 +
+    int8 TFLite (goal: gzip'd TFLite >= 10x below the gzip'd float TFLite, within 1 pt),
+    uniform 8-bit QAT -> int8 TFLite (within 0.5 pt), non-uniform 4-bit (within 1 pt), and the
+    Deep-Compression chain sparsity 0.9 -> 4-bit codebooks -> 8-bit QAT;
+(b) the seed CNN trained on full MNIST (/work/shared/data/mnist.npz): sparsity 0.8 + int8 TFLite
+    (within 0.5 pt);
+(c) time of one compiled fine-tuning step of each wrapped model against a plain step of the
+    same model (goal <= 1.3x), measured in interleaved rounds (the machine is shared; the best
+    round is the least disturbed), plus the mask/codebook hooks' cost amortised per step.
+
+Fine-tuning is deliberately small (a subset of the training split, 1-2 epochs): the numbers
+show what the learners reach on a budget, not their ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+VGG = ROOT.parent / "shared" / "models" / "vgg_small_fashion_mnist.keras"
+MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+VGG_BASELINE = 0.9416
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--subset", type=int, default=20000, help="Fashion-MNIST training images for fine-tuning")
+    p.add_argument("--epochs", type=float, default=2.0, help="VGG fine-tuning epochs (over the subset)")
+    p.add_argument("--lr", type=float, default=2e-4, help="VGG fine-tuning learning rate (Adam)")
+    p.add_argument("--mnist-train-epochs", type=float, default=3.0, help="seed CNN baseline training")
+    p.add_argument("--mnist-epochs", type=float, default=1.0, help="seed CNN fine-tuning epochs")
+    p.add_argument("--no-chain", dest="chain", action="store_false", help="skip the chain run")
+    p.add_argument("--timing-rounds", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "learners.md"))
+    return p.parse_args(argv)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _load() -> str:
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _learner(name: str, fine_tune: dict, **kw):
+    from pocketflow.config import load_config
+    from pocketflow.learners import LEARNERS
+    section = {"name": name, "fine_tune": {"verbose": False, "batch_size": 128, **fine_tune}, **kw}
+    cfg = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"}, "learner": section})
+    return LEARNERS.get(name)(cfg["learner"])
+
+
+def _compress(model, data, epochs: float, name: str, fine_tune: dict, **kw):
+    import keras
+
+    from pocketflow.learners import Budget
+    learner = _learner(name, fine_tune, **kw)
+    keras.utils.set_random_seed(0)
+    t0 = time.perf_counter()
+    comp = learner.compress(model, learner.default_params(model), data, Budget(epochs=epochs))
+    return learner, comp, time.perf_counter() - t0
+
+
+def _row(label, learner, comp, original, data, seconds, baseline, float_gz, quantize):
+    """Accuracies (Keras trained model, deploy model, TFLite), sizes and the goal check inputs."""
+    from pocketflow import metrics as M
+    from pocketflow.export import to_tflite
+    blob = to_tflite(comp.deploy, quantize, data.representative() if quantize else None)
+    lite = M.tflite_accuracy(blob, data.x_test, data.y_test)
+    return {"run": label, "trained": M.accuracy(comp.model, data.x_test, data.y_test),
+            "deploy": M.accuracy(comp.deploy, data.x_test, data.y_test), "tflite": lite,
+            "tflite_kind": quantize or "float", "delta_pt": 100 * (lite - baseline),
+            "gz": M.gzip_size(blob), "gz_ratio": float_gz / M.gzip_size(blob),
+            "packed_ratio": learner.measure(original, comp, "compression"), "seconds": seconds}
+
+
+# -- (c) step time ------------------------------------------------------------------------------
+
+def _step_fn(model, data):
+    """One compiled step of the shared trainer (Trainer._build_step), on a fixed batch."""
+    from pocketflow.config import TRAIN, validate_section
+    from pocketflow.training import Trainer, make_optimizer
+    cfg = validate_section({"batch_size": 128, "verbose": False}, TRAIN, "fine_tune", "<bench>")
+    trainer = Trainer(model, data, cfg)
+    opt = make_optimizer(cfg, 1000)
+    opt.build(model.trainable_variables)
+    fn = trainer._build_step(opt)
+    xb, yb = data.x_train[:128], data.y_train[:128]
+    fn(xb, yb)  # trace
+
+    def run():
+        loss, _ = fn(xb, yb)
+        float(loss)
+    return run
+
+
+def _wrapped_variants(model, data, total_steps: int):
+    """The wrapped models each learner trains, built as the learners build them, with the hook
+    work they do: (name, model, seconds of hook work amortised per step). With the default
+    schedules a fine-tuning of `total_steps` updates masks every (0.7 * total) // 10 steps and
+    refreshes codebooks every total // 10 steps."""
+    from pocketflow.learners.uniform_quant import fold_batchnorm
+    from pocketflow.learners.wrappers import (Codebook, FakeQuant, MagnitudeMask, calibrate_activations,
+                                              wrap_model, wrappers)
+    every = lambda n: True  # noqa: E731
+    masked = wrap_model(model, every, lambda n, layer, e: [MagnitudeMask()])
+    for w in wrappers(masked):
+        w.transforms[0].set_sparsity(w.kernel_input(0), 0.9)
+    t0 = time.perf_counter()
+    for w in wrappers(masked):  # one schedule update, done every `frequency` (~total/10) steps
+        w.transforms[0].set_sparsity(w.kernel_input(0), 0.9)
+    mask_update = time.perf_counter() - t0
+    clustered = wrap_model(model, every, lambda n, layer, e: [Codebook(4)])
+    t0 = time.perf_counter()
+    for w in wrappers(clustered):  # one refresh: drift + nearest-centroid re-assignment
+        w.transforms[0].refresh(w.kernel_input(0) + w.transforms[0].drift())
+    refresh = time.perf_counter() - t0
+    folded = fold_batchnorm(model)
+    qat = wrap_model(folded, every, lambda n, layer, e: [FakeQuant(8)], lambda n: 8)
+    calibrate_activations(qat, data.x_train[:256])
+    chain = wrap_model(wrap_model(wrap_model(folded, every, lambda n, layer, e: [MagnitudeMask()]), every,
+                                  lambda n, layer, e: [Codebook(4)]), every,
+                       lambda n, layer, e: [FakeQuant(8, per_channel=False)], lambda n: 8)
+    calibrate_activations(chain, data.x_train[:256])
+    mask_every, refresh_every = max(1, round(0.7 * total_steps) // 10), max(1, total_steps // 10)
+    return [("weight_sparsity (mask)", masked, mask_update / mask_every),
+            ("nonuniform_quant (codebook)", clustered, refresh / refresh_every),
+            ("uniform_quant (BN folded + weight/activation fake quant)", qat, 0.0),
+            ("chain (mask + codebook + fake quant, BN folded)", chain, 0.0),
+            ("plain model with BN folded (reference)", folded, 0.0)]
+
+
+def step_times(name, model, data, rounds, total_steps):
+    variants = _wrapped_variants(model, data, total_steps)
+    fns = [("plain", _step_fn(model, data))] + [(v, _step_fn(m, data)) for v, m, _ in variants]
+    best = {k: float("inf") for k, _ in fns}
+    for _ in range(rounds):
+        for k, fn in fns:  # interleaved: load from other jobs hits every variant alike
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            best[k] = min(best[k], (time.perf_counter() - t0) / 5)
+    hooks = {v: h for v, _, h in variants}
+    return [{"model": name, "variant": k, "ms": 1e3 * best[k], "hook_ms": 1e3 * hooks.get(k, 0.0),
+             "ratio": (best[k] + hooks.get(k, 0.0)) / best["plain"]} for k, _ in fns]
+
+
+# -- the page -----------------------------------------------------------------------------------
+
+def _table(rows, cols):
+    head = "| " + " | ".join(h for h, _, _ in cols) + " |"
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"
+    body = ["| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in cols) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+ACC_COLS = [("run", "run", "{}"), ("trained model (Keras)", "trained", "{:.4f}"),
+            ("deploy model (Keras)", "deploy", "{:.4f}"), ("TFLite", "tflite_kind", "{}"),
+            ("TFLite accuracy", "tflite", "{:.4f}"), ("vs baseline (pt)", "delta_pt", "{:+.2f}"),
+            ("gzip'd TFLite bytes", "gz", "{:,}"), ("gzip'd float / this", "gz_ratio", "{:.1f}x"),
+            ("packed compression", "packed_ratio", "{:.1f}x"), ("fine-tune s", "seconds", "{:.0f}")]
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    started, load_start = time.perf_counter(), _load()
+    import keras
+    import tensorflow as tf
+
+    from pocketflow import metrics as M
+    from pocketflow.data import load_dataset
+    from pocketflow.export import to_tflite
+    from pocketflow.training import Trainer
+    from pocketflow.zoo import build_model, load_keras_file
+
+    # (a) VGG-small on Fashion-MNIST
+    vgg = load_keras_file(VGG)
+    fm = load_dataset({"name": "fashion_mnist", "limit_train": a.subset, "val_split": 0.0})
+    base = M.accuracy(vgg, fm.x_test, fm.y_test)
+    fblob = to_tflite(vgg)
+    fgz = M.gzip_size(fblob)
+    ptq = to_tflite(vgg, "int8", fm.representative())
+    ref = [{"run": "baseline (float)", "trained": base, "deploy": base, "tflite_kind": "float",
+            "tflite": M.tflite_accuracy(fblob, fm.x_test, fm.y_test), "gz": fgz, "gz_ratio": 1.0},
+           {"run": "baseline, post-training int8", "trained": base, "deploy": base, "tflite_kind": "int8",
+            "tflite": M.tflite_accuracy(ptq, fm.x_test, fm.y_test), "gz": M.gzip_size(ptq),
+            "gz_ratio": fgz / M.gzip_size(ptq)}]
+    for r in ref:
+        r["delta_pt"] = 100 * (r["tflite"] - VGG_BASELINE)
+    print(f"VGG baseline {base:.4f}, float TFLite gzip {fgz:,} B", flush=True)
+    ft = {"learning_rate": a.lr}
+    runs = [("sparsity 0.9 + int8", "int8", "weight_sparsity", {"sparsity": 0.9, "skip_first": True}),
+            ("uniform 8-bit QAT -> int8", "int8", "uniform_quant", {"bits": 8}),
+            ("non-uniform 4-bit (float TFLite)", None, "nonuniform_quant", {"bits": 4})]
+    if a.chain:
+        runs.append(("chain: sparsity 0.9 -> 4-bit codebooks -> 8-bit QAT -> int8", "int8", "chain",
+                     {"steps": ["weight_sparsity", "nonuniform_quant", "uniform_quant"],
+                      "weight_sparsity": {"sparsity": 0.9, "skip_first": True},
+                      "nonuniform_quant": {"bits": 4}}))
+    rows_a = []
+    for label, q, name, kw in runs:
+        learner, comp, secs = _compress(vgg, fm, a.epochs, name, ft, **kw)
+        rows_a.append(_row(label, learner, comp, vgg, fm, secs, VGG_BASELINE, fgz, q))
+        print(rows_a[-1], flush=True)
+
+    # (b) seed CNN on full MNIST
+    mn = load_dataset({"name": "npz", "path": str(MNIST), "val_split": 0.0})
+    keras.utils.set_random_seed(0)
+    seed = build_model("seed_cnn", mn.input_shape, mn.num_classes)
+    Trainer(seed, mn, {"epochs": a.mnist_train_epochs, "batch_size": 128, "optimizer": "adam",
+                       "learning_rate": 1e-3, "schedule": "constant", "verbose": False}).fit()
+    sbase = M.accuracy(seed, mn.x_test, mn.y_test)
+    sblob = to_tflite(seed)
+    sgz = M.gzip_size(sblob)
+    learner, comp, secs = _compress(seed, mn, a.mnist_epochs, "weight_sparsity", {"learning_rate": 1e-3},
+                                    sparsity=0.8)
+    rows_b = [{"run": "seed CNN baseline (float)", "trained": sbase, "deploy": sbase, "tflite_kind": "float",
+               "tflite": M.tflite_accuracy(sblob, mn.x_test, mn.y_test), "gz": sgz, "gz_ratio": 1.0,
+               "delta_pt": 0.0},
+              _row("sparsity 0.8 + int8", learner, comp, seed, mn, secs, sbase, sgz, "int8")]
+    print(rows_b[-1], flush=True)
+
+    # (c) step time
+    load_c = _load()
+    per_epoch = lambda d: math.ceil(len(d.x_train) / 128)  # noqa: E731
+    rows_c = (step_times("VGG-small", vgg, fm, a.timing_rounds, math.ceil(a.epochs * per_epoch(fm)))
+              + step_times("seed CNN", seed, mn, a.timing_rounds, math.ceil(a.mnist_epochs * per_epoch(mn))))
+    for r in rows_c:
+        print(r, flush=True)
+
+    wall = time.perf_counter() - started
+    goal = {r["run"]: r for r in rows_a}
+    sp, uq, nq = (goal[k] for k in ("sparsity 0.9 + int8", "uniform 8-bit QAT -> int8",
+                                    "non-uniform 4-bit (float TFLite)"))
+    checks = [
+        ("(a) sparsity 0.9 + int8: gzip'd TFLite >= 10x below gzip'd float, within 1 pt",
+         f"{sp['gz_ratio']:.1f}x, {sp['delta_pt']:+.2f} pt", sp["gz_ratio"] >= 10 and sp["delta_pt"] >= -1),
+        ("(a) uniform 8-bit int8 TFLite within 0.5 pt of the baseline", f"{uq['delta_pt']:+.2f} pt",
+         uq["delta_pt"] >= -0.5),
+        ("(a) uniform 8-bit int8 TFLite vs its QAT Keras model", f"{100 * (uq['tflite'] - uq['trained']):+.2f} pt",
+         abs(uq["tflite"] - uq["trained"]) <= 0.005),
+        ("(a) non-uniform 4-bit within 1 pt", f"{nq['delta_pt']:+.2f} pt", nq["delta_pt"] >= -1),
+        ("(b) seed CNN sparsity 0.8 + int8 within 0.5 pt", f"{rows_b[1]['delta_pt']:+.2f} pt",
+         rows_b[1]["delta_pt"] >= -0.5),
+        ("(c) wrapped step <= 1.3x a plain step (VGG-small)",
+         ", ".join(f"{r['ratio']:.2f}x" for r in rows_c if r["model"] == "VGG-small" and r["variant"] != "plain"),
+         all(r["ratio"] <= 1.3 for r in rows_c if r["model"] == "VGG-small")),
+        ("(c) wrapped step <= 1.3x a plain step (seed CNN)",
+         ", ".join(f"{r['ratio']:.2f}x" for r in rows_c if r["model"] == "seed CNN" and r["variant"] != "plain"),
+         all(r["ratio"] <= 1.3 for r in rows_c if r["model"] == "seed CNN")),
+    ]
+    cmd = " ".join(["python scripts/benchmarks/learners.py", *(sys.argv[1:] if argv is None else argv)]).strip()
+    page = f"""# Learners benchmark: weight sparsity, uniform and non-uniform quantization
+
+Command: `{cmd}`
+Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; wall time {wall / 60:.1f} min.
+Machine: {_cpu()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}.
+The machine is shared with other engineers' TensorFlow jobs; load average (1/5/15 min) at start
+{load_start}, before the timing part {load_c}, at the end {_load()}.
+
+## Goals
+
+| goal | measured | met |
+|---|---:|:---:|
+""" + "\n".join(f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in checks) + f"""
+
+## (a) VGG-small, Fashion-MNIST test split (10,000 images)
+
+Pretrained `{VGG.name}` (reference accuracy {VGG_BASELINE}, measured here {base:.4f}). Fine-tuning:
+{a.epochs:g} epochs over the first {a.subset:,} training images, batch 128, Adam, learning rate
+{a.lr:g}, constant; no distillation. The sparsity runs leave the first conv (288 weights) dense
+(`skip_first: true`). int8 = full-integer TFLite (`pocketflow.export.to_tflite(..., 'int8')`,
+200 training images for calibration). "trained model" is the wrapped model as fine-tuned (masks,
+codebooks, fake quant active), "deploy" the stripped plain Keras model, "vs baseline" compares
+the TFLite accuracy with {VGG_BASELINE}. "packed compression" = float32 bytes of the original /
+bytes of the packed representation (`weights_packed.bin` + float32 biases; BN folded for QAT).
+
+{_table(ref + rows_a, ACC_COLS)}
+
+## (b) Seed CNN, full MNIST (`{MNIST}`)
+
+Baseline trained here for {a.mnist_train_epochs:g} epochs (60,000 images, batch 128, Adam 1e-3);
+weight_sparsity 0.8 fine-tuned {a.mnist_epochs:g} epoch(s) at Adam 1e-3; "vs baseline" compares with
+the float baseline's Keras accuracy {sbase:.4f}.
+
+{_table(rows_b, ACC_COLS)}
+
+## (c) Fine-tuning step time, wrapped vs plain
+
+One compiled step of the shared trainer (`Trainer._build_step`: forward, loss, gradients, Adam
+update) at batch 128; best of {a.timing_rounds} interleaved rounds of 5 steps. "hook ms" is the
+Python-side mask update / codebook refresh (about 10 per fine-tuning, at the default frequency
+for the runs above) divided by the steps between two of them; "vs plain" includes it. The QAT and
+chain models train with BatchNorm folded, so they are compared with the original model (what a
+user would otherwise fine-tune) and the folded plain model is listed for reference.
+
+{_table(rows_c, [("model", "model", "{}"), ("variant", "variant", "{}"), ("ms / step", "ms", "{:.1f}"),
+                 ("hook ms / step", "hook_ms", "{:.2f}"), ("vs plain", "ratio", "{:.2f}x")])}
+"""
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    print(f"wrote {out} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
