@@ -411,6 +411,7 @@ class Search:
 
         from pocketflow import metrics as M
         from pocketflow.errors import TrialFailed
+        from pocketflow.faults import crash_point
         from pocketflow.learners import Budget
         root = self.world.is_root
         params = self._project(decision["raw"])
@@ -423,10 +424,12 @@ class Search:
         t0 = time.perf_counter()
         with beat:
             try:
+                crash_point("trial")  # the trial is RUNNING in the study, nothing trained yet
                 comp = self.learner.compress(self.model, params, self.ctx.data, budget)
                 t1 = time.perf_counter()
                 self.train_s += t1 - t0
                 if root:
+                    crash_point("trial_eval")  # trained, not yet recorded
                     acc = M.accuracy(comp.deploy, self.ctx.data.x_val, self.ctx.data.y_val)
                     ratio = float(self.learner.measure(self.model, comp, self.metric))
                     self.eval_s += time.perf_counter() - t1
