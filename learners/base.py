@@ -143,6 +143,13 @@ class Learner(abc.ABC):
         """What the search explores: the learner's own dimensions plus distillation's."""
         return {**self.search_space(model), **self.distill_space()}
 
+    def optional_space(self, model) -> dict:
+        """Dimensions every learner can search when `search.space` names them (off by default:
+        each one multiplies the trials a search needs)."""
+        from pocketflow.hpo.space import Float
+        lr = float(self.cfg["fine_tune"]["learning_rate"])
+        return {"fine_tune/learning_rate": Float(lr / 10, lr * 10, log=True)}
+
     def fine_tune_hooks(self, teacher, params: dict | None = None) -> list:
         """Distillation from the original model, for every learner, when enabled."""
         from pocketflow.training import DistillationHook
@@ -159,7 +166,10 @@ class Learner(abc.ABC):
         if not (budget.steps or budget.epochs):
             return None
         hooks = list(hooks) + (self.fine_tune_hooks(teacher, params) if teacher is not None else [])
-        trainer = Trainer(model, data, self.cfg["fine_tune"], hooks=hooks, seed=self.seed)
+        cfg = dict(self.cfg["fine_tune"])
+        if params and "fine_tune/learning_rate" in params:  # a searched learning rate
+            cfg["learning_rate"] = float(params["fine_tune/learning_rate"])
+        trainer = Trainer(model, data, cfg, hooks=hooks, seed=self.seed)
         return trainer.fit(epochs=budget.epochs, steps=budget.steps, on_epoch_end=budget.on_epoch_end)
 
     @classmethod

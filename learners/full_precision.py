@@ -18,8 +18,7 @@ class FullPrecision(Learner):
     metrics = ()
 
     def search_space(self, model) -> dict:
-        from pocketflow.hpo.space import Float
-        return {"learning_rate": Float(1e-5, 1e-2, log=True)}
+        return self.optional_space(model)  # nothing to compress: only the fine-tune can be tuned
 
     def max_ratio(self, model, metric: str) -> float:
         return 1.0
@@ -30,5 +29,5 @@ class FullPrecision(Learner):
     def compress(self, model, params, data, budget: Budget, hooks=()) -> Compressed:
         from pocketflow import metrics as M
         m = clone(model)
-        hist = self.fine_tune(m, data, budget, teacher=model, hooks=hooks)
+        hist = self.fine_tune(m, data, budget, teacher=model, hooks=hooks, params=params)
         return Compressed(model=m, deploy=m, size_bytes=M.float_bytes(m), history=hist)

@@ -103,6 +103,7 @@ SCHEMA: dict[str, Field] = {
         "args": Field(dict, {}, open=True),
         "pretrained": Field((bool, type(None)), None, help="skip baseline training (default: true for files)"),
         "unsafe_load": Field(bool, False, help="allow Lambda layers etc. when loading .keras"),
+        "imports": Field(list, [], help="modules to import first (they register custom layers)"),
     }),
     "train": Field(schema=TRAIN),
     "learner": Field(schema={

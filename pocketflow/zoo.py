@@ -7,6 +7,7 @@ analysis (channel pruning) and reports can refer to layers by name.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -166,7 +167,14 @@ def load_keras_file(path, unsafe: bool = False) -> keras.Model:
         raise PocketFlowError(f"{path}: corrupt or truncated .keras file (not a zip archive)")
     try:
         model = keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
+        missing = re.search(r"Could not locate (?:class|function) '([^']+)'", str(e))
+        if missing:  # a user's custom layer whose module was not imported: say how to fix it
+            raise PocketFlowError(
+                f"{path}: uses the custom class '{missing.group(1)}', which is not registered; list the module "
+                "that defines it (with @keras.saving.register_keras_serializable) in model.imports") from None
+        if isinstance(e, TypeError):
+            raise PocketFlowError(f"{path}: corrupt or unreadable .keras file ({str(e).splitlines()[0][:200]})") from None
         msg = str(e)
         if "safe_mode" in msg or "Lambda" in msg or "unsafe" in msg.lower():
             raise PocketFlowError(
@@ -179,6 +187,18 @@ def load_keras_file(path, unsafe: bool = False) -> keras.Model:
     if not isinstance(model, keras.Model):
         raise PocketFlowError(f"{path}: does not contain a Keras model")
     return model
+
+
+def import_modules(modules) -> None:
+    """Import the user's modules (from the working directory too) so their registered custom
+    layers and model functions exist before a `.keras` file is loaded."""
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            raise PocketFlowError(f"model.imports: cannot import '{name}' ({type(e).__name__}: {e})") from None
 
 
 def load_from_function(spec: str, input_shape, num_classes: int, args: dict | None = None) -> keras.Model:
@@ -212,6 +232,7 @@ def load_from_function(spec: str, input_shape, num_classes: int, args: dict | No
 def resolve_model(cfg: dict, input_shape, num_classes: int) -> tuple[keras.Model, bool]:
     """From the `model` config section: (model, is_pretrained)."""
     name = cfg["name"]
+    import_modules(cfg.get("imports"))
     if name.endswith((".keras", ".h5")) or "/" in name:
         model, pretrained = load_keras_file(name, cfg.get("unsafe_load", False)), True
     elif ":" in name:

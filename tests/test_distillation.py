@@ -64,6 +64,6 @@ def test_distill_enabled_adds_search_dimensions_to_any_learner():
     learner = LEARNERS.get("full_precision")(cfg)
     from pocketflow.zoo import build_model
     space = learner.full_space(build_model("seed_cnn", (28, 28, 1), 10))
-    assert "distill/temperature" in space and "distill/weight" in space and "learning_rate" in space
+    assert "distill/temperature" in space and "distill/weight" in space and "fine_tune/learning_rate" in space
     hooks = learner.fine_tune_hooks(object.__new__(_Const), {"distill/temperature": 7.0, "distill/weight": 0.3})
     assert hooks[0].t == 7.0 and hooks[0].weight == 0.3
