@@ -128,6 +128,8 @@ def setup(config, overrides=(), target_ratio=None, output=None, resume=False, fo
     from pocketflow.io import atomic_write_text
     from pocketflow.learners import LEARNERS
     cfg = _as_config(config, overrides, target_ratio, **sections)
+    for note in cfg.notes:
+        _log(note)
     keras.utils.set_random_seed(cfg["seed"])
     run_dir = prepare_run_dir(cfg, output, resume, force)
     data, model, pretrained = load_data_and_model(cfg)
@@ -204,6 +206,9 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
         atomic_replace_dir(staging, best)
         _log(f"best model: {best / 'model.keras'} (test accuracy {metrics['test_accuracy']:.4f}, "
              + ", ".join(f"{k} {v:.2f}x" for k, v in metrics["ratios"].items()) + ")")
+        _log("exported: " + ", ".join(
+            f"{Path(e['path']).name} {e['bytes']:,} B" + (f" (gzip {e['gzip_bytes']:,} B)" if "gzip_bytes" in e else "")
+            for e in metrics["exports"].values() if "path" in e and "bytes" in e))
     return RunResult(run_dir=ctx.run_dir, best_dir=best, metrics=metrics, params=params)
 
 

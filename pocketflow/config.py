@@ -220,6 +220,7 @@ class Config:
     data: dict
     source: str = "<dict>"
     raw: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # decisions made for the user (learner: auto), to print
 
     def __getitem__(self, key):
         return self.data[key]
@@ -268,9 +269,27 @@ def load_config(source=None, overrides=(), target_ratio=None, **sections) -> Con
         if not isinstance(raw["target"], dict):
             raise ConfigError(f"{name}: 'target' must be a mapping")
         raw["target"]["ratio"] = target_ratio
+    notes = _resolve_learner(raw)
     data = validate_section(raw, SCHEMA, "", name)
     _validate_cross(data, name)
-    return Config(data=data, source=name, raw=raw)
+    return Config(data=data, source=name, raw=raw, notes=notes)
+
+
+def _resolve_learner(raw: dict) -> list[str]:
+    """`learner: NAME` is short for `learner: {name: NAME}`; `auto` picks the learner from the
+    target metric (hpo.search.choose_learner). Returns what was decided, for the log."""
+    sec = raw.get("learner")
+    if isinstance(sec, str):
+        sec = raw["learner"] = {"name": sec}
+    if not (isinstance(sec, dict) and sec.get("name") == "auto"):
+        return []
+    target = raw.get("target") if isinstance(raw.get("target"), dict) else {}
+    metric = target.get("metric", SCHEMA["target"].schema["metric"].default)
+    from pocketflow.hpo.search import resolve_auto
+    raw["learner"] = resolve_auto(sec, metric)
+    steps = raw["learner"].get("steps")
+    chosen = raw["learner"]["name"] + (f" ({' -> '.join(steps)})" if steps else "")
+    return [f"learner: auto chose {chosen} for a {metric} target"]
 
 
 def _validate_cross(d: dict, source: str) -> None:

@@ -128,7 +128,7 @@ def tflite_interpreter(model_bytes_or_path, threads: int = 1):
     from ai_edge_litert.interpreter import Interpreter
 
     from pocketflow.io import quiet_stderr
-    with quiet_stderr():  # "Created TensorFlow Lite XNNPACK delegate" on every construction
+    with quiet_stderr():  # native start-up messages
         if isinstance(model_bytes_or_path, (bytes, bytearray)):
             return Interpreter(model_content=bytes(model_bytes_or_path), num_threads=threads)
         return Interpreter(model_path=str(model_bytes_or_path), num_threads=threads)
@@ -149,7 +149,9 @@ class TFLiteRunner:
             shape = list(self.inp["shape"])
             shape[0] = batch
             self.interp.resize_tensor_input(self.inp["index"], shape)
-            self.interp.allocate_tensors()
+            from pocketflow.io import quiet_stderr
+            with quiet_stderr():  # "Created TensorFlow Lite XNNPACK delegate": applied here
+                self.interp.allocate_tensors()
             self.inp = self.interp.get_input_details()[0]
             self.out = self.interp.get_output_details()[0]
             self.batch = batch

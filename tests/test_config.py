@@ -72,3 +72,25 @@ def test_yaml_is_loaded_safely(tmp_path):
     p = write(tmp_path, "data: !!python/object/apply:os.system ['echo hacked']\nmodel: {name: seed_cnn}\n")
     with pytest.raises(ConfigError, match="malformed YAML"):
         load_config(p)
+
+
+@pytest.mark.parametrize("metric, name, steps", [
+    ("compression", "chain", ["weight_sparsity", "uniform_quant"]),
+    ("flops", "channel_pruning", None),
+    ("latency", "channel_pruning", None),
+    ("params", "weight_sparsity", None),
+])
+def test_learner_auto_follows_the_target_metric(metric, name, steps):
+    cfg = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"},
+                       "learner": {"name": "auto", "fine_tune": {"epochs": 2}},
+                       "target": {"metric": metric, "ratio": 2}})
+    assert cfg["learner"]["name"] == name
+    assert cfg["learner"].get("steps") == steps
+    assert cfg["learner"]["fine_tune"]["epochs"] == 2  # the user's shared keys are kept
+    assert cfg.notes == [f"learner: auto chose {name}" + (f" ({' -> '.join(steps)})" if steps else "")
+                         + f" for a {metric} target"]
+
+
+def test_learner_may_be_given_by_name_alone():
+    cfg = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"}, "learner": "weight_sparsity"})
+    assert cfg["learner"]["name"] == "weight_sparsity" and cfg.notes == []
