@@ -42,12 +42,39 @@ def _range(v):
     return None if ok else "must be [low, high] with 0 < low <= high <= 1"
 
 
-def channels(ratio: float, size: int, multiple: int = 1) -> int:
-    """Channels kept of `size` at preserve `ratio`: rounded (to a multiple), at least one."""
+def allowed_counts(size: int, multiple: int = 1, tile: int = 0) -> np.ndarray:
+    """The channel counts a group of `size` may keep, ascending (always including `size`).
+
+    Multiples of `multiple`; with a `tile`, counts above half a tile must also be multiples of
+    the whole tile. XNNPACK computes a layer's output channels in register tiles: on this
+    machine (AVX-512) 1-16 output channels cost the same, 17-31 cost more than 32, and 33-63 as
+    much as 64 (docs/benchmarks/channel_pruning.md), so 45 of 64 channels save nothing in the
+    layer that produces them. Counts up to half a tile stay fine-grained: there the producer's
+    cost is flat and the readers' cost falls with every channel.
+    """
+    c = np.arange(1, size + 1)
+    ok = c % max(1, multiple) == 0
+    if tile > 1:
+        ok &= (c <= tile // 2) | (c % tile == 0)
+    ok[-1] = True
+    if not ok[:-1].any() and size > 1:  # e.g. multiple > size: allow the smallest step
+        ok[min(size, max(1, multiple)) - 1] = True
+    return c[ok]
+
+
+def channels(ratio: float, size: int, multiple: int = 1, tile: int = 0) -> int:
+    """Channels kept of `size` at preserve `ratio`: the nearest allowed count (ties: the larger)."""
     if ratio >= 1:
         return size
-    k = int(round(max(0.0, ratio) * size / multiple)) * multiple
-    return min(size, max(multiple, k, 1))
+    ok = allowed_counts(size, multiple, tile)
+    want = max(0.0, ratio) * size
+    return int(ok[np.argmin(np.abs(ok - want) - 1e-9 * ok)])
+
+
+def _next_count(count: int, size: int, multiple: int, tile: int) -> int | None:
+    ok = allowed_counts(size, multiple, tile)
+    above = ok[ok > count]
+    return int(above[0]) if len(above) else None
 
 
 def top_k(scores: np.ndarray, k: int, tie: np.ndarray | None = None) -> np.ndarray:
@@ -65,6 +92,9 @@ class ChannelPruning(Learner):
         "ratio_range": Field(list, [0.2, 1.0], check=_range,
                              help="search range of each group's preserve ratio; the low end is the floor"),
         "channel_multiple": Field(int, 1, check=positive, help="keep channel counts at multiples of this"),
+        "channel_tile": Field(int, 32, check=non_negative,
+                              help="counts above half this are kept at multiples of it (XNNPACK's output "
+                                   "tiles; 0 = off): see allowed_counts"),
         "calibration_images": Field(int, 512, check=positive,
                                     help="training images for reconstruction / discrimination"),
         "aux_heads": Field(int, 3, check=non_negative,
@@ -101,8 +131,8 @@ class ChannelPruning(Learner):
             if key.startswith(_PREFIX) and key not in known:
                 raise PocketFlowError(f"unknown channel group '{key}'{did_you_mean(key, known)}; "
                                       f"prunable groups: {', '.join(known) or 'none'}")
-        m, default = self.cfg["channel_multiple"], self.cfg["preserve_ratio"]
-        return {g.id: channels(float(params.get(k, default)), g.size, m) for k, g in known.items()}
+        m, t, default = self.cfg["channel_multiple"], self.cfg["channel_tile"], self.cfg["preserve_ratio"]
+        return {g.id: channels(float(params.get(k, default)), g.size, m, t) for k, g in known.items()}
 
     # -- search & projection ------------------------------------------------------------------------
     def search_space(self, model) -> dict:
@@ -149,19 +179,20 @@ class ChannelPruning(Learner):
             params = (self.scale(params, (1 - lo) / (min(above) - lo)) if above else
                       {k: (1.0 if k.startswith(_PREFIX) else v) for k, v in params.items()})
         out = super().project(model, params, metric, ratio, tol)
-        if metric != "latency":  # measured latency is too noisy for single-channel steps
-            out = self._top_up(model, out, metric, ratio)
+        out = self._top_up_latency(model, out, ratio) if metric == "latency" else self._top_up(model, out, metric, ratio)
         return {k: (min(1.0, v) if k.startswith(_PREFIX) else v) for k, v in out.items()}
 
     def _top_up(self, model, params: dict, metric: str, ratio: float) -> dict:
         g = self.graph(model)
         cost, base = (g.macs, g.base_macs) if metric == "flops" else (g.params, g.base_params)
-        counts, step = self._counts(g, params), self.cfg["channel_multiple"]
+        counts = self._counts(g, params)
+        m, t = self.cfg["channel_multiple"], self.cfg["channel_tile"]
         while True:
             best = None
             for gr in g.prunable:
-                if counts[gr.id] < gr.size:
-                    trial = {**counts, gr.id: min(gr.size, counts[gr.id] + step)}
+                nxt = _next_count(counts[gr.id], gr.size, m, t)
+                if nxt is not None:
+                    trial = {**counts, gr.id: nxt}
                     c = cost(trial)
                     if c * ratio <= base and (best is None or c > best[0]):
                         best = (c, trial)
@@ -170,16 +201,59 @@ class ChannelPruning(Learner):
             counts = best[1]
         return {**params, **{_PREFIX + gr.name: counts[gr.id] / gr.size for gr in g.prunable}}
 
+    def _top_up_latency(self, model, params: dict, ratio: float, budget: int = 24) -> dict:
+        """Channel counts jump (tiles), so the measured latency along `scale` jumps too and the
+        bisection can stop well past the target. Add channels back, one allowed step of one
+        group at a time, largest MACs gain first, while the measured speedup still meets the
+        target; at most `budget` extra measurements (each is a TFLite conversion)."""
+        g = self.graph(model)
+        counts = self._counts(g, params)
+        m, t = self.cfg["channel_multiple"], self.cfg["channel_tile"]
+        full = self._latency_ms(model, g, {gr.id: gr.size for gr in g.prunable})
+        tried: set = set()
+        while len(tried) < budget:
+            cands = []
+            for gr in g.prunable:
+                nxt = _next_count(counts[gr.id], gr.size, m, t)
+                if nxt is not None:
+                    trial = {**counts, gr.id: nxt}
+                    key = tuple(sorted(trial.items()))
+                    if key not in tried:
+                        cands.append((g.macs(trial), key, trial))
+            if not cands:
+                break
+            for _, key, trial in sorted(cands, key=lambda c: -c[0]):
+                if len(tried) >= budget:
+                    break
+                tried.add(key)
+                if full / self._latency_ms(model, g, trial) >= ratio:
+                    counts = trial
+                    break
+            else:
+                break
+        return {**params, **{_PREFIX + gr.name: counts[gr.id] / gr.size for gr in g.prunable}}
+
     def _latency_ms(self, model, graph: ChannelGraph, counts: dict) -> float:
-        """Median TFLite latency (batch 1, 1 thread) of the model pruned to `counts`, cached."""
+        """TFLite latency (batch 1, 1 thread) of the model pruned to `counts`, cached: the
+        fastest of 3 x 20 invokes, which other jobs on a shared machine can only slow down
+        (a median moves with their load)."""
         key = (id(model), tuple(sorted(counts.items())))
         if key not in self._latency:
+            import time
+
             from pocketflow import metrics as M
             from pocketflow.distributed import world
             from pocketflow.export import to_tflite
             pruned = graph.prune(model, {gid: np.arange(k) for gid, k in counts.items()})
-            ms = M.tflite_latency(to_tflite(pruned), tuple(model.input_shape[1:]))
-            self._latency[key] = world().mean(ms)  # every rank must project to the same point
+            run = M.TFLiteRunner(to_tflite(pruned), threads=1, batch=1)
+            x = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
+            best = float("inf")
+            for i in range(65):
+                t0 = time.perf_counter()
+                run(x)
+                if i >= 5:  # warm-up
+                    best = min(best, (time.perf_counter() - t0) * 1e3)
+            self._latency[key] = world().mean(best)  # every rank must project to the same point
         return self._latency[key]
 
     # -- compression --------------------------------------------------------------------------------

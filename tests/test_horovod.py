@@ -88,8 +88,18 @@ def _worker(out_dir: Path) -> None:
                            keras.layers.Dense(data.num_classes)])
     Trainer(bn, data, {**WORKER_TRAIN, "steps": 5}, seed=0).fit()
     bn_stats = np.concatenate([v.numpy().ravel() for v in bn.non_trainable_variables])
+    # a learner's fine-tune: weight masks (sparsity) and EMA activation ranges (8-bit QAT) must
+    # stay identical on every rank, like the weights
+    from pocketflow.config import load_config
+    from pocketflow.learners import LEARNERS, Budget
+    section = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"}, "learner": {
+        "name": "chain", "steps": ["weight_sparsity", "uniform_quant"],
+        "fine_tune": {k: v for k, v in WORKER_TRAIN.items() if k != "epochs"}}})["learner"]
+    learner = LEARNERS.get("chain")(section, seed=0)
+    comp = learner.compress(model, learner.default_params(model), data, Budget(steps=8))
+    learned = {"learner|" + v.path.replace("/", "|"): v.numpy() for v in comp.model.variables}
     np.savez(out_dir / f"rank{w.rank}.npz", *model.get_weights(), logs=logs, steps=hist.steps,
-             traces=counter.traces, bn_stats=bn_stats)
+             traces=counter.traces, bn_stats=bn_stats, **learned)
 
 
 def _load(path: Path):
@@ -97,6 +107,12 @@ def _load(path: Path):
     with np.load(path) as z:
         weights = [z[k] for k in sorted((k for k in z.files if k.startswith("arr_")), key=lambda k: int(k[4:]))]
         return weights, z["logs"], int(z["steps"]), int(z["traces"]), z["bn_stats"]
+
+
+def _learner_vars(path: Path) -> dict:
+    """Every variable of the chain learner's wrapped model (weights, masks, quantizer ranges)."""
+    with np.load(path) as z:
+        return {k.split("|", 1)[1].replace("|", "/"): z[k] for k in z.files if k.startswith("learner|")}
 
 
 def _initial_weights():
@@ -134,6 +150,16 @@ def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     np.testing.assert_allclose(logs0[:, :2], logs_s[:, :2], atol=1e-4)  # loss, train accuracy
     np.testing.assert_allclose(logs0[:, 2], logs_s[:, 2], atol=2e-3)  # val accuracy: at most 1 of 100 flips
+
+    # weight_sparsity + uniform_quant fine-tune: weights, masks and EMA ranges identical on both ranks
+    lv0, lv1 = _learner_vars(hvd_dir / "rank0.npz"), _learner_vars(hvd_dir / "rank1.npz")
+    masks = [k for k in lv0 if k.endswith("/mask")]
+    ranges = [k for k in lv0 if k.endswith(("/min", "/max"))]
+    assert masks and ranges and lv0.keys() == lv1.keys(), sorted(lv0)
+    for k in lv0:
+        np.testing.assert_array_equal(lv0[k], lv1[k], err_msg=k)
+    assert all(lv0[k].min() == 0 for k in masks), "no weight was masked"
+    assert all(lv0[k] > 0 for k in ranges if k.endswith("/max")), "the activation ranges never moved"
 
 
 def test_a_dying_rank_ends_the_whole_job(tmp_path):

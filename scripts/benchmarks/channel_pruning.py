@@ -1,17 +1,25 @@
 """Benchmark: the pretrained ResNet-20 (Fashion-MNIST) pruned to 2x fewer FLOPs, per criterion.
 
-    python scripts/benchmarks/channel_pruning.py            # writes docs/benchmarks/channel_pruning.md
+    python scripts/benchmarks/channel_pruning.py            # docs/benchmarks/channel_pruning.{md,json,png}
+    python scripts/benchmarks/channel_pruning.py --quick    # ~3 min smoke run: channel_pruning_quick.*
 
-For each pruning shape (how the 2x is spread over the channel groups) and each criterion (which
-channels a group keeps): project onto the FLOPs target, prune, measure test accuracy, fine-tune,
-measure again. Then TFLite latency of the original and of each pruned architecture at batch 1
-and 32, 1 and 2 threads, against the FLOPs speedup. The machine is shared: its load is recorded.
+1. Why latency follows FLOPs or not: TFLite (XNNPACK) time of one 3x3 conv against its number of
+   output and input channels, on this machine.
+2. Architectures at the FLOPs target, projected by the learner from uniform preserve ratios with
+   its default channel counts (`channel_tile` 32) and without tiles (`channel_tile` 0, any
+   count; and multiples of 8), plus one projected on a measured-latency target.
+3. For the default architecture, each criterion (l1, reconstruction, discrimination) selects the
+   channels; test accuracy before and after fine-tuning (SGD Nesterov + cosine, as the original
+   was trained, with distillation from the original).
+4. TFLite latency of the original and of every architecture at batch 1 and 32, 1 and 2 threads,
+   in interleaved rounds (the machine is shared: best round, load average recorded).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -20,39 +28,39 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 MODEL = ROOT.parent / "shared" / "models" / "resnet20_fashion_mnist.keras"
 
-
-def _uniform(group) -> float:
-    return 1.0
-
-
-def _streams_first(group) -> float:
-    return 0.5 if len(group.producers) > 1 else 1.0
-
-
-# name -> (start point per group, channel multiple, description). The start point is projected
-# onto the target along the learner's `scale`, so only its proportions matter.
-SHAPES = {
-    "uniform": (_uniform, 1, "every group at the same preserve ratio, any channel count"),
-    "streams-x8": (_streams_first, 8, "residual streams (groups with several producers) pruned first, "
-                   "channel counts at multiples of 8: the streams' activations are read and written by "
-                   "every block, and XNNPACK's kernels work in blocks of 8 channels"),
+# name -> (learner keys, description); every architecture is projected from uniform ratios
+ARCHS = {
+    "tile-32": ({"channel_tile": 32}, "learner default: counts <= 16 any, above that multiples of 32"),
+    "any-count": ({"channel_tile": 0}, "any channel count (the first version of this benchmark)"),
+    "multiple-8": ({"channel_tile": 0, "channel_multiple": 8}, "multiples of 8, no tile rule"),
 }
 
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(MODEL))
     p.add_argument("--criteria", nargs="+", default=["l1", "reconstruction", "discrimination"])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--target", type=float, default=2.0, help="FLOPs ratio")
-    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--latency-target", type=float, default=1.6,
+                   help="also project one architecture on measured latency (0 = skip)")
+    p.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs over --subset images")
     p.add_argument("--subset", type=int, default=60000, help="training images used for fine-tuning")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--calibration", type=int, default=512, help="images for reconstruction / discrimination")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds (best is kept)")
     p.add_argument("--no-distill", dest="distill", action="store_false",
                    help="fine-tune on labels only (default: also distil from the original model)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "channel_pruning.md"))
-    return p.parse_args()
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2000 images, 0.25 epoch, 2 latency rounds; writes channel_pruning_quick.*")
+    p.add_argument("--name", default=None, help="page name under docs/benchmarks (default channel_pruning[_quick])")
+    a = p.parse_args()
+    if a.quick:
+        a.subset, a.epochs, a.calibration, a.rounds = min(a.subset, 2000), min(a.epochs, 0.25), 128, 2
+    a.name = a.name or ("channel_pruning_quick" if a.quick else "channel_pruning")
+    return a
 
 
 def _load() -> str:
@@ -69,22 +77,62 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _latencies(blobs: list, shape, rounds: int = 5) -> list[dict]:
-    """Per model: (batch, threads) -> ms per invoke, the best of `rounds` medians.
+def _flags() -> str:
+    try:
+        have = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "?"
+    return ", ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if f in have)
 
-    The models are measured in turn within each round so that load from other jobs on the shared
+
+def _latencies(blobs: dict, shape, rounds: int) -> dict:
+    """name -> {(batch, threads): ms}: per round the median of N invokes, the best round kept.
+
+    All models are measured in turn within a round, so load from other jobs on the shared
     machine hits them alike; the best round is the least disturbed one.
     """
     from pocketflow.metrics import tflite_latency
-    out = [{} for _ in blobs]
-    for batch in (1, 32):
-        for threads in (1, 2):
-            runs = 50 if batch == 1 else 10
-            for _ in range(rounds):
-                for res, blob in zip(out, blobs):
-                    ms = tflite_latency(blob, shape, batch, threads, runs=runs)
-                    res[(batch, threads)] = min(ms, res.get((batch, threads), float("inf")))
+    out = {k: {} for k in blobs}
+    for batch, threads in ((1, 1), (1, 2), (32, 1), (32, 2)):
+        runs = 50 if batch == 1 else 8
+        for _ in range(rounds):
+            for k, blob in blobs.items():
+                ms = tflite_latency(blob, shape, batch, threads, runs=runs, warmup=3)
+                out[k][(batch, threads)] = min(ms, out[k].get((batch, threads), float("inf")))
     return out
+
+
+def _conv_sweep(rounds: int) -> list[dict]:
+    """One 3x3 'same' conv + ReLU at batch 32, 1 thread: ms against output / input channels."""
+    import keras
+    import numpy as np
+
+    from pocketflow.export import to_tflite
+    from pocketflow.metrics import TFLiteRunner
+    L = keras.layers
+    cases = [("out", 14, 32, c) for c in (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)]
+    cases += [("in", 14, c, 32) for c in (8, 16, 24, 32, 48, 64)]
+    blobs = {}
+    for side, hw, cin, cout in cases:
+        i = keras.Input((hw, hw, cin))
+        blobs[(side, hw, cin, cout)] = to_tflite(keras.Model(i, L.Conv2D(cout, 3, padding="same", activation="relu")(i)))
+    best = {}
+    for _ in range(max(3, rounds)):
+        for k, blob in blobs.items():
+            r = TFLiteRunner(blob, threads=1, batch=32)
+            x = np.random.default_rng(0).random((32, k[1], k[1], k[2]), dtype=np.float32)
+            r(x)
+            ts = []
+            for _ in range(8):
+                t0 = time.perf_counter()
+                r(x)
+                ts.append((time.perf_counter() - t0) * 1e3)
+            best[k] = min(best.get(k, float("inf")), float(np.min(ts)))
+    rows = []
+    for (side, hw, cin, cout), ms in best.items():
+        macs = 32 * hw * hw * 9 * cin * cout
+        rows.append({"vary": side, "hw": hw, "cin": cin, "cout": cout, "ms": ms, "ns_per_kmac": 1e6 * ms / macs * 1e3})
+    return rows
 
 
 def main() -> int:
@@ -100,104 +148,207 @@ def main() -> int:
     from pocketflow.export import to_tflite
     from pocketflow.learners import LEARNERS, Budget
 
-    model = keras.saving.load_model(MODEL, compile=False)
+    model = keras.saving.load_model(a.model, compile=False)
     data = load_dataset({"name": "fashion_mnist", "val_split": 0.0})
     idx = np.sort(np.random.default_rng(0).permutation(len(data.x_train))[:a.subset])
     ft_data = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx], augment=True)
     base_acc = M.accuracy(model, data.x_test, data.y_test)
+    shape = tuple(model.input_shape[1:])
     print(f"original: test accuracy {base_acc:.4f}, {M.count_macs(model):,} MACs", flush=True)
     fine_tune = {"epochs": a.epochs, "batch_size": 128, "optimizer": "sgd", "learning_rate": a.lr,
                  "schedule": "cosine", "momentum": 0.9, "verbose": True}
 
-    rows, archs = [], {}  # archs: shape -> (pruned model, info)
-    for shape in a.shapes:
-        start, multiple, _ = SHAPES[shape]
-        for crit in a.criteria:
-            cfg = load_config({"data": {"name": "fashion_mnist"}, "model": {"name": str(MODEL)},
-                               "learner": {"name": "channel_pruning", "criterion": crit, "ratio_range": [0.1, 1.0],
-                                           "channel_multiple": multiple, "fine_tune": fine_tune,
-                                           "distill": {"enabled": a.distill}}})
-            learner = LEARNERS.get("channel_pruning")(cfg["learner"], seed=0)
-            point = {f"ratio/{g.name}": start(g) for g in learner.graph(model).prunable}
-            params = learner.project(model, point, "flops", a.target)
-            t0 = time.perf_counter()
-            comp = learner.compress(model, params, ft_data, Budget(epochs=0))
-            t_select = time.perf_counter() - t0
-            acc0 = M.accuracy(comp.deploy, data.x_test, data.y_test)
-            print(f"{shape} / {crit}: pruned in {t_select:.1f}s, accuracy before fine-tuning {acc0:.4f}", flush=True)
-            keras.utils.set_random_seed(0)
-            t0 = time.perf_counter()
-            learner.fine_tune(comp.deploy, ft_data, Budget(epochs=a.epochs), teacher=model)
-            t_ft = time.perf_counter() - t0
-            acc1 = M.accuracy(comp.deploy, data.x_test, data.y_test)
-            print(f"{shape} / {crit}: accuracy after fine-tuning {acc1:.4f} ({t_ft:.0f}s)", flush=True)
-            rows.append((shape, crit, learner.measure(model, comp, "flops"), acc0, acc1, t_select, t_ft))
-            archs[shape] = (comp.deploy, comp.info)  # the architecture does not depend on the criterion
+    def make(crit: str, **keys):
+        cfg = load_config({"data": {"name": "fashion_mnist"}, "model": {"name": str(a.model)},
+                           "learner": {"name": "channel_pruning", "criterion": crit, "ratio_range": [0.1, 1.0],
+                                       "calibration_images": a.calibration, "fine_tune": fine_tune,
+                                       "distill": {"enabled": a.distill}, **keys}})
+        return LEARNERS.get("channel_pruning")(cfg["learner"], seed=0)
 
-    lat = _latencies([to_tflite(model)] + [to_tflite(m) for m, _ in archs.values()], tuple(model.input_shape[1:]))
-    report = _report(a, rows, archs, base_acc, dict(zip(["original", *archs], lat)), model,
-                     load_before, _load(), time.perf_counter() - t_start)
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
-    print(report)
-    print(f"wrote {path}")
+    # -- architectures: projection of uniform ratios onto the target -----------------------------------
+    archs = {}  # name -> dict(params, counts, flops, learner keys)
+    for name, (keys, _) in ARCHS.items():
+        lr = make("l1", **keys)
+        g = lr.graph(model)
+        t0 = time.perf_counter()
+        p = lr.project(model, {f"ratio/{gr.name}": 1.0 for gr in g.prunable}, "flops", a.target)
+        counts = lr._counts(g, p)
+        archs[name] = {"keys": keys, "params": p, "flops": lr.predict_ratio(model, p, "flops"),
+                       "channels": {gr.name: [counts[gr.id], gr.size] for gr in g.prunable},
+                       "groups": {gr.name: gr.producers for gr in g.prunable},
+                       "model": g.prune(model, {gid: np.arange(k) for gid, k in counts.items()}),
+                       "project_s": time.perf_counter() - t0}
+        print(f"{name}: {archs[name]['flops']:.3f}x FLOPs, channels "
+              f"{[c[0] for c in archs[name]['channels'].values()]}", flush=True)
+    if a.latency_target:
+        lr = make("l1")
+        g = lr.graph(model)
+        t0 = time.perf_counter()
+        p = lr.project(model, {f"ratio/{gr.name}": 1.0 for gr in g.prunable}, "latency", a.latency_target)
+        counts = lr._counts(g, p)
+        archs["latency-target"] = {
+            "keys": {"target": f"latency {a.latency_target:g}x"}, "params": p,
+            "flops": lr.predict_ratio(model, p, "flops"), "predicted_latency": lr.predict_ratio(model, p, "latency"),
+            "channels": {gr.name: [counts[gr.id], gr.size] for gr in g.prunable},
+            "groups": {gr.name: gr.producers for gr in g.prunable},
+            "model": g.prune(model, {gid: np.arange(k) for gid, k in counts.items()}),
+            "project_s": time.perf_counter() - t0}
+        print(f"latency-target: predicted {archs['latency-target']['predicted_latency']:.2f}x, "
+              f"{archs['latency-target']['flops']:.3f}x FLOPs in {archs['latency-target']['project_s']:.0f}s", flush=True)
+
+    # -- accuracy: every criterion on the default architecture ----------------------------------------
+    rows = []
+    default = archs["tile-32"]
+    for crit in a.criteria:
+        lr = make(crit, **default["keys"])
+        t0 = time.perf_counter()
+        comp = lr.compress(model, default["params"], ft_data, Budget(epochs=0))
+        t_select = time.perf_counter() - t0
+        acc0 = M.accuracy(comp.deploy, data.x_test, data.y_test)
+        print(f"{crit}: pruned in {t_select:.1f}s, accuracy before fine-tuning {acc0:.4f}", flush=True)
+        keras.utils.set_random_seed(0)
+        t0 = time.perf_counter()
+        lr.fine_tune(comp.deploy, ft_data, Budget(epochs=a.epochs), teacher=model)
+        t_ft = time.perf_counter() - t0
+        acc1 = M.accuracy(comp.deploy, data.x_test, data.y_test)
+        tfl = to_tflite(comp.deploy)
+        acc_tfl = M.tflite_accuracy(tfl, data.x_test, data.y_test)
+        print(f"{crit}: accuracy after fine-tuning {acc1:.4f} (TFLite {acc_tfl:.4f}, {t_ft:.0f}s)", flush=True)
+        assert comp.info["channels"] == default["channels"]
+        rows.append({"criterion": crit, "flops": lr.measure(model, comp, "flops"), "before": acc0, "after": acc1,
+                     "tflite_after": acc_tfl, "select_s": t_select, "fine_tune_s": t_ft})
+
+    # -- latency ---------------------------------------------------------------------------------------
+    sweep = _conv_sweep(a.rounds)
+    blobs = {"original": to_tflite(model), **{k: to_tflite(v["model"]) for k, v in archs.items()}}
+    load_lat = _load()
+    lat = _latencies(blobs, shape, a.rounds)
+    wall = time.perf_counter() - t_start
+    res = {"command": _command(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+           "machine": f"{_cpu()} ({_flags()}), {os.cpu_count()} cores, {platform.platform()}",
+           "load_average": {"start": load_before, "latency": load_lat, "end": _load()}, "wall_s": wall,
+           "model": str(a.model), "base_accuracy": base_acc, "base_macs": M.count_macs(model),
+           "base_params": M.count_params(model), "args": {k: v for k, v in vars(a).items()},
+           "accuracy": rows, "conv_sweep": sweep,
+           "archs": {k: {kk: vv for kk, vv in v.items() if kk != "model"} | {"macs": M.count_macs(v["model"]),
+                                                                          "params_count": M.count_params(v["model"])}
+                     for k, v in archs.items()},
+           "latency_ms": {k: {f"b{b}_t{t}": ms for (b, t), ms in v.items()} for k, v in lat.items()}}
+    out = ROOT / "docs" / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(res, indent=2, default=float))
+    _plot(res, out / f"{a.name}.png")
+    page = _report(a, res)
+    (out / f"{a.name}.md").write_text(page)
+    print(page)
+    print(f"wrote {out / (a.name + '.md')}")
     return 0
 
 
-def _report(a, rows, archs, base_acc, lat, model, load_before, load_after, wall) -> str:
-    from pocketflow import metrics as M
-    macs = M.count_macs(model)
-    cmd = ("python scripts/benchmarks/channel_pruning.py " + " ".join(sys.argv[1:])).strip()
+def _command() -> str:
+    return ("python scripts/benchmarks/channel_pruning.py " + " ".join(sys.argv[1:])).strip()
+
+
+def _plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    sw = [r for r in res["conv_sweep"] if r["vary"] == "out"]
+    ax1.plot([r["cout"] for r in sw], [r["ms"] for r in sw], "o-", label="output channels (32 in)")
+    si = [r for r in res["conv_sweep"] if r["vary"] == "in"]
+    ax1.plot([r["cin"] for r in si], [r["ms"] for r in si], "s--", label="input channels (32 out)")
+    ax1.set_xlabel("channels")
+    ax1.set_ylabel("ms per invoke (batch 32, 1 thread)")
+    ax1.set_title("one 3x3 conv, 14x14, TFLite XNNPACK")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    keys = list(res["latency_ms"]["original"])
+    names = [k for k in res["latency_ms"] if k != "original"]
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        sp = [res["latency_ms"]["original"][k] / res["latency_ms"][n][k] for k in keys]
+        ax2.bar([j + i * w for j in range(len(keys))], sp, w, label=f"{n} ({res['archs'][n]['flops']:.2f}x FLOPs)")
+    ax2.axhline(0.8 * res["args"]["target"], color="k", ls=":", label="0.8 x FLOPs target")
+    ax2.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))], [k.replace("_", " ") for k in keys])
+    ax2.set_ylabel("TFLite latency speedup")
+    ax2.set_title("ResNet-20 pruned, speedup over the original")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _report(a, res: dict) -> str:
+    base = res["base_accuracy"]
     n_ft = min(a.subset, 60000)
+    arch_names = list(res["archs"])
     out = [
-        "# Channel pruning: ResNet-20 on Fashion-MNIST, 2x fewer FLOPs",
+        f"# Channel pruning: ResNet-20 on Fashion-MNIST, {a.target:g}x fewer FLOPs" + (" (quick smoke run)" if a.quick else ""),
         "",
-        f"- command: `{cmd}`",
-        f"- date: {dt.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {_cpu()}, {os.cpu_count()} cores, {platform.platform()}; shared with other jobs "
-        f"(load average 1/5/15 min: {load_before} at start, {load_after} at end)",
-        f"- wall time: {wall / 60:.1f} min",
-        f"- model: `{MODEL.relative_to(ROOT.parent)}` ({M.count_params(model):,} params, {macs:,} MACs), "
-        f"test accuracy {base_acc:.4f} on the 10 000 test images",
-        f"- target: {a.target:g}x FLOPs (MACs), met by `learner.project` from each shape's start point",
+        f"- command: `{res['command']}`",
+        f"- date: {res['date']}",
+        f"- machine: {res['machine']}; shared with other jobs (load average 1/5/15 min: "
+        f"{res['load_average']['start']} at start, {res['load_average']['latency']} before the latency "
+        f"rounds, {res['load_average']['end']} at end)",
+        f"- wall time: {res['wall_s'] / 60:.1f} min",
+        f"- model: `{Path(a.model).name}` ({res['base_params']:,} params, {res['base_macs']:,} MACs), "
+        f"test accuracy {base:.4f} on the 10 000 test images",
         f"- fine-tuning: {a.epochs:g} epochs on {'all' if n_ft == 60000 else 'a seeded subset of'} {n_ft:,} "
         f"training images, SGD (Nesterov momentum 0.9), cosine learning rate from {a.lr:g}, batch 128, random "
-        "2-pixel shift + flip (as the baseline was trained), L2 1e-4 on convs (kept from the model), "
+        "2-pixel shift + flip (as the original was trained), L2 1e-4 on convs (kept from the model), "
         + ("distillation from the original (T=4, weight 0.5)" if a.distill else "no distillation"),
-        "- calibration for reconstruction / discrimination: 512 training images (never test)",
+        f"- calibration for reconstruction / discrimination: {a.calibration} training images (never test)",
         "",
-        "Pruning shapes:",
+        f"![latency]({a.name}.png)",
         "",
+        "## Accuracy (10 000 test images), architecture `tile-32`",
+        "",
+        "| criterion | FLOPs ratio | before fine-tuning | after fine-tuning | vs original | TFLite after "
+        "| selection time | fine-tuning time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    out += [f"- `{s}`: {SHAPES[s][2]}" for s in archs]
-    out += ["", "## Accuracy (10 000 test images)", "",
-            "| shape | criterion | FLOPs ratio | before fine-tuning | after fine-tuning | vs original "
-            "| pruning time | fine-tuning time |", "|---|---|---|---|---|---|---|---|"]
-    for shape, crit, ratio, acc0, acc1, ts, tf in rows:
-        out.append(f"| {shape} | {crit} | {ratio:.3f}x | {acc0:.4f} | {acc1:.4f} | {100 * (acc1 - base_acc):+.2f} pt "
-                   f"| {ts:.0f} s | {tf / 60:.1f} min |")
-    shapes = list(archs)
-    out += ["", "## Channels kept per group", "",
-            "The shape and the projection decide the counts, the criterion only which channels.", "",
-            "| group (first producer) | producers | " + " | ".join(shapes) + " |",
-            "|---|---|" + "---|" * len(shapes)]
-    first = archs[shapes[0]][1]
-    for name in first["channels"]:
-        cells = [f"{k} / {n} ({k / n:.2f})" for k, n in (archs[s][1]["channels"][name] for s in shapes)]
-        out.append(f"| {name} | {', '.join(first['groups'][name])} | " + " | ".join(cells) + " |")
+    for r in res["accuracy"]:
+        out.append(f"| {r['criterion']} | {r['flops']:.3f}x | {r['before']:.4f} | {r['after']:.4f} | "
+                   f"{100 * (r['after'] - base):+.2f} pt | {r['tflite_after']:.4f} | {r['select_s']:.0f} s | "
+                   f"{r['fine_tune_s'] / 60:.1f} min |")
+    out += ["", "## Architectures: channels kept per group", "",
+            "Every architecture is `learner.project` of uniform preserve ratios onto the target; the "
+            "criterion only decides which channels stay, not how many.", ""]
+    for n in arch_names:
+        ar = res["archs"][n]
+        desc = ARCHS[n][1] if n in ARCHS else (f"`target.metric: latency`, ratio {a.latency_target:g} "
+                                               f"(predicted {ar.get('predicted_latency', 0):.2f}x at batch 1, 1 thread), "
+                                               "learner defaults")
+        out.append(f"- `{n}`: {desc}; {ar['flops']:.3f}x FLOPs, {ar['params_count']:,} params, "
+                   f"projected in {ar['project_s']:.1f} s")
+    out += ["", "| group (first producer) | producers | " + " | ".join(arch_names) + " |",
+            "|---|---|" + "---|" * len(arch_names)]
+    first = res["archs"][arch_names[0]]
+    for g in first["channels"]:
+        cells = [f"{k} / {n} ({k / n:.2f})" for k, n in (res["archs"][s]["channels"][g] for s in arch_names)]
+        out.append(f"| {g} | {', '.join(first['groups'][g])} | " + " | ".join(cells) + " |")
     out += ["", "## TFLite latency (float32, XNNPACK)", "",
-            "ms per invoke: best of 5 interleaved rounds, each the median of 50 invokes (batch 1) or 10 (batch 32).",
-            "", "| shape | FLOPs speedup | batch | threads | original ms | pruned ms | latency speedup "
+            f"ms per invoke: per round the median of 50 invokes (batch 1) or 8 (batch 32); best of {a.rounds} "
+            "rounds in which all models take turns.", "",
+            "| architecture | FLOPs speedup | batch | threads | original ms | pruned ms | latency speedup "
             "| latency / FLOPs speedup |", "|---|---|---|---|---|---|---|---|"]
-    for s in shapes:
-        fs = macs / M.count_macs(archs[s][0])
-        for key in sorted(lat["original"]):
-            sp = lat["original"][key] / lat[s][key]
-            out.append(f"| {s} | {fs:.3f}x | {key[0]} | {key[1]} | {lat['original'][key]:.3f} | {lat[s][key]:.3f} "
+    lat = res["latency_ms"]
+    for n in arch_names:
+        fs = res["archs"][n]["flops"]
+        for key in lat["original"]:
+            b, t = key[1:].split("_t")
+            sp = lat["original"][key] / lat[n][key]
+            out.append(f"| {n} | {fs:.3f}x | {b} | {t} | {lat['original'][key]:.3f} | {lat[n][key]:.3f} "
                        f"| {sp:.2f}x | {sp / fs:.2f} |")
-    out += ["", f"Goals: reconstruction within 1.0 pt of {base_acc:.4f} after fine-tuning; latency speedup "
-            ">= 0.8x the FLOPs speedup.", ""]
+    out += ["", "## Why: one conv's latency against its channel counts", "",
+            "A single 3x3 `same` conv + ReLU on 14x14 inputs, batch 32, 1 thread, TFLite XNNPACK; the "
+            f"fastest of 8 invokes in each of {max(3, a.rounds)} rounds (the quietest moment of a shared machine).", "",
+            "| varied | in | out | ms | ns per 1000 MACs |", "|---|---|---|---|---|"]
+    for r in res["conv_sweep"]:
+        out.append(f"| {r['vary']} | {r['cin']} | {r['cout']} | {r['ms']:.3f} | {r['ns_per_kmac']:.1f} |")
+    out += ["", f"Goals: reconstruction within 1.0 pt of {base:.4f} after fine-tuning; latency speedup "
+            f">= 0.8x the FLOPs speedup (>= {0.8 * a.target:.2f}x at {a.target:g}x).", ""]
     return "\n".join(out)
 
 
