@@ -65,3 +65,15 @@ def run_cli(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProce
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "pocketflow", *map(str, args)], cwd=cwd or ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *pieces, code=2):
+    """One non-empty line on stderr, starting 'pocketflow: error: ', containing every piece."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pocketflow: error: ")
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for p in pieces:
+        assert p in lines[0], lines[0]
+    return lines[0]

@@ -12,22 +12,10 @@ import textwrap
 
 import pytest
 
-from conftest import SMALL_NPZ, run_cli
+from conftest import SMALL_NPZ, assert_one_line_error, run_cli
 
 DATA = f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1, limit_train: 600}}\n"
 SMALL = DATA + "model: {name: seed_cnn}\ntrain: {epochs: 1, verbose: false}\n"
-
-
-def assert_one_line_error(proc, *pieces, code=2):
-    """One non-empty line on stderr, starting 'pocketflow: error: ', containing every piece."""
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("pocketflow: error: ")
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for p in pieces:
-        assert p in lines[0], lines[0]
-    return lines[0]
 
 
 def run(tmp_path, text: str | None, *extra, env=None):

@@ -1,21 +1,10 @@
 """The CLI as a user meets it: real subprocesses, exit codes, run layout (bad inputs: test_bad_inputs.py)."""
 import json
 
-import pytest
 
-from conftest import SMALL_NPZ, run_cli
+from conftest import SMALL_NPZ, assert_one_line_error, run_cli
 
 SMALL = f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\nmodel: {{name: seed_cnn}}\n"
-
-
-def assert_one_line_error(proc, *pieces):
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("pocketflow: error: ")
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for p in pieces:
-        assert p in lines[0], lines[0]
 
 
 def test_debug_shows_traceback(tmp_path):
