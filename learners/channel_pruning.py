@@ -201,7 +201,7 @@ class ChannelPruning(Learner):
             counts = best[1]
         return {**params, **{_PREFIX + gr.name: counts[gr.id] / gr.size for gr in g.prunable}}
 
-    def _top_up_latency(self, model, params: dict, ratio: float, budget: int = 24) -> dict:
+    def _top_up_latency(self, model, params: dict, ratio: float, budget: int = 16) -> dict:
         """Channel counts jump (tiles), so the measured latency along `scale` jumps too and the
         bisection can stop well past the target. Add channels back, one allowed step of one
         group at a time, largest MACs gain first, while the measured speedup still meets the

@@ -1,7 +1,6 @@
 """The CLI as a user meets it: real subprocesses, exit codes, run layout (bad inputs: test_bad_inputs.py)."""
 import json
 
-
 from conftest import SMALL_NPZ, assert_one_line_error, run_cli
 
 SMALL = f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\nmodel: {{name: seed_cnn}}\n"
