@@ -30,6 +30,7 @@ from pocketflow.registry import did_you_mean
 
 CRITERIA = ("l1", "l2", "reconstruction", "discrimination")
 _PREFIX = "ratio/"
+_COUNT = "count/"  # exact counts off the tile grid, written by `project` only when the target needs them
 
 
 def _unit(v):
@@ -132,7 +133,9 @@ class ChannelPruning(Learner):
                 raise PocketFlowError(f"unknown channel group '{key}'{did_you_mean(key, known)}; "
                                       f"prunable groups: {', '.join(known) or 'none'}")
         m, t, default = self.cfg["channel_multiple"], self.cfg["channel_tile"], self.cfg["preserve_ratio"]
-        return {g.id: channels(float(params.get(k, default)), g.size, m, t) for k, g in known.items()}
+        return {g.id: (min(g.size, max(1, int(params[_COUNT + g.name]))) if _COUNT + g.name in params
+                       else channels(float(params.get(k, default)), g.size, m, t))
+                for k, g in known.items()}
 
     # -- search & projection ------------------------------------------------------------------------
     def search_space(self, model) -> dict:
@@ -172,21 +175,38 @@ class ChannelPruning(Learner):
         channels are added back while the target still holds: one channel of a wide residual
         group can be worth several % of the MACs, more than the 1% tolerance.
         """
-        params = {**self.default_params(model), **params}
+        params = {k: v for k, v in {**self.default_params(model), **params}.items() if not k.startswith(_COUNT)}
         lo = float(self.cfg["ratio_range"][0])
         if self.predict_ratio(model, params, metric) > ratio * (1 + tol):
             above = [v for k, v in params.items() if k.startswith(_PREFIX) and v > lo]
             params = (self.scale(params, (1 - lo) / (min(above) - lo)) if above else
                       {k: (1.0 if k.startswith(_PREFIX) else v) for k, v in params.items()})
         out = super().project(model, params, metric, ratio, tol)
-        out = self._top_up_latency(model, out, ratio) if metric == "latency" else self._top_up(model, out, metric, ratio)
+        if metric == "latency":
+            out = self._top_up_latency(model, out, ratio)
+        else:
+            out = self._top_up(model, out, metric, ratio)
         return {k: (min(1.0, v) if k.startswith(_PREFIX) else v) for k, v in out.items()}
 
-    def _top_up(self, model, params: dict, metric: str, ratio: float) -> dict:
+    def _top_up(self, model, params: dict, metric: str, ratio: float, tol: float = 0.01) -> dict:
+        """Greedy: add the allowed channel step that keeps the most cost while the target holds.
+        If tile-sized steps cannot get within `tol` of the target, finish with single steps of
+        `channel_multiple` (a few groups then leave the tile grid; the target comes first)."""
         g = self.graph(model)
         cost, base = (g.macs, g.base_macs) if metric == "flops" else (g.params, g.base_params)
         counts = self._counts(g, params)
-        m, t = self.cfg["channel_multiple"], self.cfg["channel_tile"]
+        m = self.cfg["channel_multiple"]
+        counts = self._greedy(g, counts, cost, base, ratio, m, self.cfg["channel_tile"])
+        out = {**params, **{_PREFIX + gr.name: counts[gr.id] / gr.size for gr in g.prunable}}
+        if self.cfg["channel_tile"] and base / max(1, cost(counts)) > ratio * (1 + tol):
+            fine = self._greedy(g, counts, cost, base, ratio, m, 0)
+            out.update({_COUNT + gr.name: fine[gr.id] for gr in g.prunable
+                        if fine[gr.id] not in allowed_counts(gr.size, m, self.cfg["channel_tile"])})
+            out.update({_PREFIX + gr.name: fine[gr.id] / gr.size for gr in g.prunable})
+        return out
+
+    @staticmethod
+    def _greedy(g, counts: dict, cost, base, ratio: float, m: int, t: int) -> dict:
         while True:
             best = None
             for gr in g.prunable:
@@ -197,9 +217,8 @@ class ChannelPruning(Learner):
                     if c * ratio <= base and (best is None or c > best[0]):
                         best = (c, trial)
             if best is None:
-                break
+                return counts
             counts = best[1]
-        return {**params, **{_PREFIX + gr.name: counts[gr.id] / gr.size for gr in g.prunable}}
 
     def _top_up_latency(self, model, params: dict, ratio: float, budget: int = 16) -> dict:
         """Channel counts jump (tiles), so the measured latency along `scale` jumps too and the

@@ -13,6 +13,7 @@ keras = pytest.importorskip("keras")
 from pocketflow import metrics as M  # noqa: E402
 from pocketflow.errors import ConfigError, PocketFlowError  # noqa: E402
 from pocketflow.learners import LEARNERS, Budget  # noqa: E402
+from pocketflow.learners.channel_pruning import allowed_counts, channels  # noqa: E402
 from pocketflow.learners.graph import PRODUCER, SEPARABLE, analyse  # noqa: E402
 from pocketflow.zoo import build_model  # noqa: E402
 
@@ -128,7 +129,7 @@ def test_half_ratio_costs_save_and_tflite(name, tmp_path):
     g = lr.graph(model)
     params = lr.default_params(model)
     comp = lr.compress(model, params, None, Budget(epochs=0))
-    counts = {gr.id: max(1, round(gr.size * 0.5)) for gr in g.prunable}
+    counts = {gr.id: channels(0.5, gr.size, 1, 32) for gr in g.prunable}
     assert M.count_macs(comp.deploy) == g.macs(counts) < M.count_macs(model)
     assert M.count_params(comp.deploy) == g.params(counts)
     assert lr.measure(model, comp, "flops") == pytest.approx(lr.predict_ratio(model, params, "flops"), abs=0)
@@ -138,6 +139,31 @@ def test_half_ratio_costs_save_and_tflite(name, tmp_path):
     x = images(model)
     assert max_diff(keras.saving.load_model(path, compile=False), comp.deploy, x) < 1e-6
     assert verify_tflite(comp.deploy, to_tflite(comp.deploy), x) < 1e-4
+
+
+def test_channel_counts_follow_the_tile_grid():
+    assert list(allowed_counts(64, 1, 32)) == [*range(1, 17), 32, 64]
+    assert list(allowed_counts(16, 1, 32)) == list(range(1, 17))
+    assert list(allowed_counts(64, 8, 0)) == [8, 16, 24, 32, 40, 48, 56, 64]
+    assert list(allowed_counts(100, 1, 32)) == [*range(1, 17), 32, 64, 96, 100]
+    assert list(allowed_counts(4, 8, 0)) == [4]  # a group narrower than the multiple stays whole
+    assert channels(0.7, 64, 1, 32) == 32 and channels(0.76, 64, 1, 32) == 64  # 44.8 / 48.6 -> nearest
+    assert channels(0.69, 16, 1, 32) == 11 and channels(0.7, 32, 1, 32) == 16
+    assert channels(0.7, 64, 1, 0) == 45 and channels(0.01, 64, 1, 32) == 1 and channels(1.0, 64, 8, 32) == 64
+    model = build_model("resnet20", (32, 32, 3), 10)
+    for tile in (0, 32):
+        lr = learner(channel_tile=tile)
+        p = lr.project(model, lr.default_params(model), "flops", 2.0)
+        counts = lr._counts(lr.graph(model), p)
+        assert 2.0 <= lr.predict_ratio(model, p, "flops") <= 2.02
+        on_grid = all(counts[gr.id] in allowed_counts(gr.size, 1, 32) for gr in lr.graph(model).prunable)
+        assert on_grid or tile == 0
+    # VGG-small's groups are all wider than 32: tile steps alone overshoot, single steps finish
+    vgg = build_model("vgg_small", (32, 32, 3), 10)
+    lr = learner()
+    p = lr.project(vgg, lr.default_params(vgg), "flops", 2.0)
+    assert 2.0 <= lr.predict_ratio(vgg, p, "flops") <= 2.02
+    assert lr.measure(vgg, lr.compress(vgg, p, None, Budget(epochs=0)), "flops") == lr.predict_ratio(vgg, p, "flops")
 
 
 class Doubler(L.Layer):
@@ -254,3 +280,61 @@ export: {{formats: [keras, tflite]}}
     metrics = json.loads((tmp_path / "runs" / "cp" / "best" / "metrics.json").read_text())
     assert 2.0 <= metrics["ratios"]["flops"] <= 2.02
     assert metrics["exports"]["tflite"]["max_abs_diff_vs_keras"] < 1e-4
+
+
+USER_LAYERS = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="pf_test_user")
+class Scale(keras.layers.Layer):
+    """A user's custom layer: channel pruning cannot know what it does with channels."""
+
+    def call(self, x):
+        return x * 2.0
+'''
+
+
+def test_cli_run_skips_unsupported_layers_by_name(tmp_path):
+    """Item 4: a user's .keras model with a custom layer and a Lambda (loaded with --unsafe-load):
+    each is reported by name on one line, its groups stay whole, the run finishes and exports."""
+    import importlib
+    import sys
+    (tmp_path / "pf_user_layers.py").write_text(USER_LAYERS)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        Scale = importlib.import_module("pf_user_layers").Scale
+    finally:
+        sys.path.remove(str(tmp_path))
+    inp = keras.Input((28, 28, 1))
+    x = L.Conv2D(8, 3, name="conv1")(inp)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU(name="relu1")(x)
+    x = Scale(name="scale")(x)
+    x = L.Conv2D(8, 3, activation="relu", name="conv2")(x)
+    x = L.Lambda(lambda t: t * 0.5, name="halve")(x)
+    x = L.Conv2D(16, 3, strides=2, activation="relu", name="conv3")(x)
+    x = L.Conv2D(16, 3, activation="relu", name="conv4")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inp, L.Dense(10, name="logits")(x))
+    model.save(tmp_path / "user.keras")
+    cfg = tmp_path / "user.yaml"
+    cfg.write_text(f"""
+name: user
+data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1, limit_train: 512}}
+model: {{name: {tmp_path / 'user.keras'}, imports: [pf_user_layers]}}
+learner:
+  name: channel_pruning
+  criterion: l1
+  fine_tune: {{steps: 2, batch_size: 64, verbose: false}}
+target: {{metric: flops, ratio: 1.3}}
+export: {{formats: [keras, tflite]}}
+""")
+    proc = run_cli("run", cfg, "--output", tmp_path / "runs", "--unsafe-load", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("channel_pruning: skipped")]
+    assert any("scale (Scale)" in line for line in skipped), proc.stdout[-2000:]
+    assert any("halve (Lambda)" in line for line in skipped), proc.stdout[-2000:]
+    metrics = json.loads((tmp_path / "runs" / "user" / "best" / "metrics.json").read_text())
+    assert 1.3 <= metrics["ratios"]["flops"] <= 1.313
+    assert (tmp_path / "runs" / "user" / "best" / "model.tflite").exists()

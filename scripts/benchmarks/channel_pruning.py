@@ -90,8 +90,8 @@ def _latencies(blobs: dict, shape, rounds: int) -> tuple[dict, dict]:
     """name -> {(batch, threads): ms} twice: the fastest single invoke over all rounds, and the
     best round's median (per round: 50 invokes at batch 1, 8 at batch 32).
 
-    All models are measured in turn within a round, so load from other jobs on the shared
-    machine hits them alike. Other jobs can only slow an invoke down, so the fastest invoke is
+    All models are measured in turn within a round (the order rotates between rounds), so load
+    from other jobs on the shared machine hits them alike. Other jobs can only slow an invoke down, so the fastest invoke is
     the estimate of the model's own cost; the median is shown too, as what a busy machine gives.
     """
     import numpy as np
@@ -103,8 +103,10 @@ def _latencies(blobs: dict, shape, rounds: int) -> tuple[dict, dict]:
         runs = 50 if batch == 1 else 8
         x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
         runners = {k: TFLiteRunner(blob, threads=threads, batch=batch) for k, blob in blobs.items()}
-        for _ in range(rounds):
-            for k, r in runners.items():
+        names = list(runners)
+        for i in range(rounds):
+            for k in names[i % len(names):] + names[:i % len(names)]:  # each model leads a round in turn
+                r = runners[k]
                 for _ in range(3):
                     r(x)
                 ts = []
@@ -131,7 +133,8 @@ def _conv_sweep(rounds: int) -> list[dict]:
     blobs = {}
     for side, hw, cin, cout in cases:
         i = keras.Input((hw, hw, cin))
-        blobs[(side, hw, cin, cout)] = to_tflite(keras.Model(i, L.Conv2D(cout, 3, padding="same", activation="relu")(i)))
+        conv = L.Conv2D(cout, 3, padding="same", activation="relu")
+        blobs[(side, hw, cin, cout)] = to_tflite(keras.Model(i, conv(i)))
     best = {}
     for _ in range(max(3, rounds)):
         for k, blob in blobs.items():
@@ -209,8 +212,9 @@ def main() -> int:
             "groups": {gr.name: gr.producers for gr in g.prunable},
             "model": g.prune(model, {gid: np.arange(k) for gid, k in counts.items()}),
             "project_s": time.perf_counter() - t0}
-        print(f"latency-target: predicted {archs['latency-target']['predicted_latency']:.2f}x, "
-              f"{archs['latency-target']['flops']:.3f}x FLOPs in {archs['latency-target']['project_s']:.0f}s", flush=True)
+        lt = archs["latency-target"]
+        print(f"latency-target: predicted {lt['predicted_latency']:.2f}x, {lt['flops']:.3f}x FLOPs "
+              f"in {lt['project_s']:.0f}s", flush=True)
 
     # -- accuracy: every criterion on the default architecture ----------------------------------------
     rows = []
@@ -301,7 +305,8 @@ def _report(a, res: dict) -> str:
     n_ft = min(a.subset, 60000)
     arch_names = list(res["archs"])
     out = [
-        f"# Channel pruning: ResNet-20 on Fashion-MNIST, {a.target:g}x fewer FLOPs" + (" (quick smoke run)" if a.quick else ""),
+        f"# Channel pruning: ResNet-20 on Fashion-MNIST, {a.target:g}x fewer FLOPs"
+        + (" (quick smoke run)" if a.quick else ""),
         "",
         f"- command: `{res['command']}`",
         f"- date: {res['date']}",
@@ -335,7 +340,8 @@ def _report(a, res: dict) -> str:
     for n in arch_names:
         ar = res["archs"][n]
         desc = ARCHS[n][1] if n in ARCHS else (f"`target.metric: latency`, ratio {a.latency_target:g} "
-                                               f"(predicted {ar.get('predicted_latency', 0):.2f}x at batch 1, 1 thread), "
+                                               f"(predicted {ar.get('predicted_latency', 0):.2f}x at batch 1, "
+                                               "1 thread), "
                                                "learner defaults")
         out.append(f"- `{n}`: {desc}; {ar['flops']:.3f}x FLOPs, {ar['params_count']:,} params, "
                    f"projected in {ar['project_s']:.1f} s")
