@@ -610,7 +610,10 @@ def strip_model(model):
     out = clone_graph(model, clone_fn)
     for src, dst in _pairs(model, out):
         if isinstance(src, KernelWrapper):
-            kvar, eff = kernel_variable(src.layer), src.effective_kernel()
+            # + 0.0 turns the -0.0 a mask makes of a negative weight into +0.0: equal values, but
+            # float files then hold one zero bit pattern, which compresses far better (a 95%-sparse
+            # seed CNN's float TFLite gzips to 6.5 kB instead of 10.8 kB)
+            kvar, eff = kernel_variable(src.layer), src.effective_kernel() + np.float32(0.0)
             dst.set_weights([eff if w is kvar else w.numpy() for w in src.layer.weights])
         else:
             dst.set_weights(src.get_weights())

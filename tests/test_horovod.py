@@ -200,6 +200,8 @@ def _check_one_run(tmp_path, job) -> Path:
     progress = [ln for ln in job.stdout.splitlines() if re.search(r"epoch \d+/\d+: loss", ln)]
     assert progress, job.stdout[-3000:]
     assert all(ln.startswith("[0]") for ln in progress), progress
+    # the other ranks print nothing but errors: no line of theirs on stdout
+    assert not [ln for ln in job.stdout.splitlines() if ln.startswith("[1]<stdout>")], job.stdout[-3000:]
     assert sum("best checkpoint:" in ln for ln in job.stdout.splitlines()) == 1, job.stdout[-3000:]
     return runs[0]
 
@@ -221,6 +223,25 @@ def test_search_under_horovodrun_writes_one_study(tmp_path):
     assert studies == [run / "study.db"], studies
     trials = optuna.load_study(study_name="hvd", storage=f"sqlite:///{studies[0]}").trials
     assert len(trials) == 2, "rank 1 ran trials of its own"  # rank 0 alone asks the study
+
+
+def test_a_rank_dying_mid_search_keeps_the_finished_trials(tmp_path):
+    """Rank 1 is SIGKILLed when it starts the 2nd trial: the job exits non-zero naming it, and
+    the study still holds trial 0 as finished (the lost trial is re-run on --resume)."""
+    import optuna
+    cfg = _run_config(tmp_path, search={"optimizer": "random", "trials": 3, "trial_steps": 5, "pruner": "none"})
+    py = f"{sys.executable} -m pocketflow run {cfg}"
+    script = f'if [ "$HOROVOD_RANK" = 1 ]; then export POCKETFLOW_KILL_AT=trial:2; fi; exec {py}'
+    job = horovodrun("sh", "-c", script, timeout=300)
+    out = job.stdout + job.stderr
+    assert job.returncode != 0, out[-3000:]
+    assert "Terminating remaining workers after failure of Process 1" in out, out[-3000:]
+    study = optuna.load_study(study_name="hvd", storage=f"sqlite:///{tmp_path / 'runs' / 'hvd' / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    # trial 1 was running when rank 1 died: left RUNNING, or failed by rank 0 before it was stopped
+    assert len(states) == 2 and states[0] == "COMPLETE" and states[1] in ("RUNNING", "FAIL"), states
+    assert "val_acc" in study.trials[0].user_attrs
+    assert not (tmp_path / "runs" / "hvd" / "best").exists()
 
 
 if __name__ == "__main__":

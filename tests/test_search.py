@@ -71,13 +71,14 @@ OPTIMIZERS = ("gp", "tpe", "random")
 
 @pytest.fixture(scope="module")
 def runs(seed_model, tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
     out = tmp_path_factory.mktemp("runs")
-    done = {}
-    for opt in OPTIMIZERS:
-        cfg = write_config(out / f"{opt}.yaml", f"s_{opt}", seed_model, opt, trials=3, steps=10)
-        proc = run_cli("run", cfg, "--output", out)
-        done[opt] = (out / f"s_{opt}", proc)
-    return done
+    cfgs = {opt: write_config(out / f"{opt}.yaml", f"s_{opt}", seed_model, opt, trials=3, steps=10)
+            for opt in OPTIMIZERS}
+    # three independent runs (own run directory and study): concurrent, as most of each is start-up
+    with ThreadPoolExecutor(len(OPTIMIZERS)) as pool:
+        procs = {opt: pool.submit(run_cli, "run", cfg, "--output", out) for opt, cfg in cfgs.items()}
+        return {opt: (out / f"s_{opt}", f.result()) for opt, f in procs.items()}
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)

@@ -51,6 +51,8 @@ def _args(argv=None):
     p.add_argument("--mnist-epochs", type=float, default=2.0, help="seed CNN fine-tuning epochs")
     p.add_argument("--chain", action="store_true", help="also run the chain sparsity -> codebooks -> QAT on VGG")
     p.add_argument("--timing-rounds", type=int, default=5)
+    p.add_argument("--reuse-a", default=None, help="take part (a) (the VGG fine-tunes, ~25 min) from the JSON "
+                   "of an earlier run with the same settings instead of re-running it; the page says so")
     p.add_argument("--out", default=None, help="page path (default docs/benchmarks/learners[_quick].md)")
     a = p.parse_args(argv)
     if a.quick:
@@ -166,15 +168,15 @@ def _wrapped_variants(model, data, total_steps: int, mask_every: int | None = No
     masked = wrap_model(model, every, lambda n, layer, e: [MagnitudeMask()])
     for w in wrappers(masked):
         w.transforms[0].set_sparsity(w.kernel_input(0), 0.9)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for w in wrappers(masked):  # one schedule update, done every `frequency` (~total/10) steps
         w.transforms[0].set_sparsity(w.kernel_input(0), 0.9)
-    mask_update = time.perf_counter() - t0
+    mask_update = (time.perf_counter() - t0, time.process_time() - c0)
     clustered = wrap_model(model, every, lambda n, layer, e: [Codebook(4)])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for w in wrappers(clustered):  # one refresh: drift + nearest-centroid re-assignment
         w.transforms[0].refresh(w.kernel_input(0) + w.transforms[0].drift())
-    refresh = time.perf_counter() - t0
+    refresh = (time.perf_counter() - t0, time.process_time() - c0)
     folded = fold_batchnorm(model)
     qat = wrap_model(folded, every, lambda n, layer, e: [FakeQuant(8)], lambda n: 8)
     calibrate_activations(qat, data.x_train[:256])
@@ -184,26 +186,32 @@ def _wrapped_variants(model, data, total_steps: int, mask_every: int | None = No
     calibrate_activations(chain, data.x_train[:256])
     refresh_every = max(1, total_steps // 10)
     mask_every = mask_every or max(1, round(0.7 * total_steps) // 10)
-    return [("weight_sparsity (mask)", masked, mask_update / mask_every),
-            ("nonuniform_quant (codebook)", clustered, refresh / refresh_every),
-            ("uniform_quant (BN folded + weight/activation fake quant)", qat, 0.0),
-            ("chain (mask + codebook + fake quant, BN folded)", chain, 0.0),
-            ("plain model with BN folded (reference)", folded, 0.0)]
+    per = lambda t, n: (t[0] / n, t[1] / n)  # noqa: E731
+    return [("weight_sparsity (mask)", masked, per(mask_update, mask_every)),
+            ("nonuniform_quant (codebook)", clustered, per(refresh, refresh_every)),
+            ("uniform_quant (BN folded + weight/activation fake quant)", qat, (0.0, 0.0)),
+            ("chain (mask + codebook + fake quant, BN folded)", chain, (0.0, 0.0)),
+            ("plain model with BN folded (reference)", folded, (0.0, 0.0))]
 
 
 def step_times(name, model, data, rounds, total_steps, mask_every=None):
     variants = _wrapped_variants(model, data, total_steps, mask_every)
     fns = [("plain", _step_fn(model, data))] + [(v, _step_fn(m, data)) for v, m, _ in variants]
     best = {k: float("inf") for k, _ in fns}
+    cpu = {k: float("inf") for k, _ in fns}
     for _ in range(rounds):
         for k, fn in fns:  # interleaved: load from other jobs hits every variant alike
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(5):
                 fn()
             best[k] = min(best[k], (time.perf_counter() - t0) / 5)
+            cpu[k] = min(cpu[k], (time.process_time() - c0) / 5)  # CPU seconds of all our threads
     hooks = {v: h for v, _, h in variants}
-    return [{"model": name, "variant": k, "ms": 1e3 * best[k], "hook_ms": 1e3 * hooks.get(k, 0.0),
-             "ratio": (best[k] + hooks.get(k, 0.0)) / best["plain"]} for k, _ in fns]
+    zero = (0.0, 0.0)
+    return [{"model": name, "variant": k, "ms": 1e3 * best[k], "hook_ms": 1e3 * hooks.get(k, zero)[0],
+             "ratio_wall": (best[k] + hooks.get(k, zero)[0]) / best["plain"],
+             "cpu_ms": 1e3 * cpu[k], "hook_cpu_ms": 1e3 * hooks.get(k, zero)[1],
+             "ratio": (cpu[k] + hooks.get(k, zero)[1]) / cpu["plain"]} for k, _ in fns]
 
 
 # -- the page -----------------------------------------------------------------------------------
@@ -296,6 +304,13 @@ def main(argv=None) -> int:
                       "uniform_quant": {"bits": 8, "fine_tune": {"epochs": a.quant_epochs, "optimizer": "adam",
                                                                  "learning_rate": a.quant_lr}}}))
     rows_a, sections = [], {}
+    if a.reuse_a:  # part (a) from an earlier run of this script with the same settings
+        import json
+        prev = json.loads(Path(a.reuse_a).read_text())
+        ref, rows_a = prev["a"][:2], prev["a"][2:]
+        sections = {k: v for k, v in prev["sections"].items() if k in {r["run"] for r in rows_a}}
+        a.reused_from = prev.get("date", a.reuse_a)
+        runs = []
     for label, q, name, epochs, lr, kw in runs:
         # codebook centroids get the sum of their weights' gradients: SGD's fixed step makes that a
         # huge move (measured: -2.5 pt after 10 steps at 1e-3), Adam normalises it
@@ -320,13 +335,20 @@ def main(argv=None) -> int:
     sbase = M.accuracy(seed, mn.x_test, mn.y_test)
     sblob = to_tflite(seed)
     sgz = M.gzip_size(sblob)
-    mnist_ft = {"learning_rate": 5e-4, "optimizer": "adam", "schedule": "cosine"}
-    learner, comp, secs = _compress(seed, mn, a.mnist_epochs, "weight_sparsity", mnist_ft, distill, sparsity=0.8)
+    mnist_ft = {"learning_rate": 1e-3, "optimizer": "adam", "schedule": "cosine"}
+    # 0.8 of all kernel weights; the 108-weight conv stays dense (pruning it costs ~1 pt), the
+    # Dense takes the zeros it would have had
+    mnist_pl = per_layer_sparsity(seed, 0.8, {})
+    learner, comp, secs = _compress(seed, mn, a.mnist_epochs, "weight_sparsity", mnist_ft, distill, sparsity=0.8,
+                                    skip_first=True, per_layer=mnist_pl)
+    layers = comp.info.get("layers", {})
     sections["seed CNN sparsity 0.8 + int8"] = comp.info["section"]
     rows_b = [{"run": "seed CNN baseline (float)", "trained": sbase, "deploy": sbase, "tflite_kind": "float",
                "tflite": M.tflite_accuracy(sblob, mn.x_test, mn.y_test), "gz": sgz, "gz_ratio": 1.0,
                "delta_pt": 0.0},
               _row("sparsity 0.8 + int8", learner, comp, seed, mn, secs, sbase, sgz, "int8")]
+    rows_b[-1]["sparsity"] = (sum(v["zeros"] for v in layers.values()) /
+                              sum(int(math.prod(w.shape)) for w in _kernels(seed)))
     print(rows_b[-1], flush=True)
 
     # (c) step time
@@ -350,10 +372,10 @@ def main(argv=None) -> int:
         ("(a) non-uniform 4-bit within 1 pt", f"{nq['delta_pt']:+.2f} pt", nq["delta_pt"] >= -1),
         ("(b) seed CNN sparsity 0.8 + int8 within 0.5 pt", f"{rows_b[1]['delta_pt']:+.2f} pt",
          rows_b[1]["delta_pt"] >= -0.5),
-        ("(c) wrapped step <= 1.3x a plain step (VGG-small)",
+        ("(c) wrapped step <= 1.3x a plain step, CPU time (VGG-small)",
          ", ".join(f"{r['ratio']:.2f}x" for r in rows_c if r["model"] == "VGG-small" and r["variant"] != "plain"),
          all(r["ratio"] <= 1.3 for r in rows_c if r["model"] == "VGG-small")),
-        ("(c) wrapped step <= 1.3x a plain step (seed CNN)",
+        ("(c) wrapped step <= 1.3x a plain step, CPU time (seed CNN)",
          ", ".join(f"{r['ratio']:.2f}x" for r in rows_c if r["model"] == "seed CNN" and r["variant"] != "plain"),
          all(r["ratio"] <= 1.3 for r in rows_c if r["model"] == "seed CNN")),
     ]
@@ -365,6 +387,8 @@ Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; wall time {wall / 60:.1f} 
 Machine: {_cpu()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}.
 The machine is shared with other engineers' TensorFlow jobs; load average (1/5/15 min) at start
 {load_start}, before the timing part {load_c}, at the end {_load()}.
+
+{"**Smoke run (`--quick`)**: 2,000 training images and a handful of steps per learner, to check that the suite runs; its accuracies say nothing about the goals." if a.quick else ""}
 
 ## Goals
 
@@ -378,6 +402,7 @@ Pretrained `{VGG.name}` (reference accuracy {VGG_BASELINE}, measured here {base:
 over {len(fm.x_train):,} training images with the baseline's own recipe: batch 128, SGD with
 Nesterov momentum 0.9, cosine decay, the 2-pixel shift + flip augmentation (`data.augment: true`),
 {'distillation from the original model (T = 4, weight 0.5)' if a.distill else 'no distillation'}.
+{f"**These (a) rows are reused from the run of {a.reused_from}** (same command without `--reuse-a`, same settings; `--reuse-a` re-runs only (b) and (c))." if a.reuse_a else ""}
 weight_sparsity: {a.sparse_epochs:g} epochs from learning rate {a.lr:g}; masks raised along the cubic
 Zhu-Gupta schedule from 0 at step 0 to the final sparsity at step {sparse_end} of {sparse_steps}
 (every {sparse_freq} steps), then recovery with fixed masks. Per-layer sparsities (overall 0.9 of
@@ -400,22 +425,34 @@ BN folded for QAT). The exact `learner:` sections are listed at the end.
 ## (b) Seed CNN, full MNIST (`{MNIST.name}`, {len(mn.x_train):,} training images)
 
 Baseline trained here for {a.mnist_train_epochs:g} epochs (batch 128, Adam 1e-3); weight_sparsity
-0.8 fine-tuned {a.mnist_epochs:g} epoch(s), Adam 5e-4 with cosine decay{', distilled from the baseline' if a.distill else ''};
+0.8 of all kernel weights (the 108-weight conv dense, `skip_first`; the Dense at {mnist_pl[list(mnist_pl)[0]]:g})
+fine-tuned {a.mnist_epochs:g} epoch(s), Adam 1e-3 with cosine decay{', distilled from the baseline' if a.distill else ''};
 "vs baseline" compares with the float baseline's Keras accuracy {sbase:.4f}.
 
 {_table(rows_b, ACC_COLS)}
 
 ## (c) Fine-tuning step time, wrapped vs plain
 
-One compiled step of the shared trainer (`Trainer._build_step`: forward, loss, gradients, Adam
-update) at batch 128; best of {a.timing_rounds} interleaved rounds of 5 steps. "hook ms" is the
-Python-side mask update / codebook refresh (about 10 per fine-tuning, at the default frequency
-for the runs above) divided by the steps between two of them; "vs plain" includes it. The QAT and
-chain models train with BatchNorm folded, so they are compared with the original model (what a
-user would otherwise fine-tune) and the folded plain model is listed for reference.
+One compiled step of the shared trainer (`Trainer._build_step`: augmentation, forward, loss,
+gradients, SGD-momentum update) at batch 128; best of {a.timing_rounds} interleaved rounds of 5 steps
+(the machine is shared: the best round is the least disturbed one, and the load average above says
+how disturbed they all were). "hook ms" is the Python-side work between steps divided by the steps
+between two of them: the mask update of weight_sparsity every {sparse_freq} steps for VGG-small (its
+schedule above) and at the default frequency for the seed CNN, the codebook refresh every total/10
+steps; "vs plain" includes it. The QAT and chain models train with BatchNorm folded, so they are
+compared with the original model (what a user would otherwise fine-tune) and the folded plain model
+is listed for reference. **The goal is checked on CPU time** (`time.process_time()`: the CPU seconds
+all of this process's threads spend per step, which is what a step costs), because on this shared
+machine wall time is dominated by the other jobs: the folded plain model, which has strictly fewer
+ops than the plain one, measured 0.57x in one run and 1.30x in another by wall time. Wall times are
+listed too. The seed CNN's plain step is a few ms: per-op dispatch cost and the 8-bit
+activation fake quant over its largest tensor (the conv output, 128×26×26×12 values, about as much
+work as the conv itself) weigh far more than on VGG-small.
 
-{_table(rows_c, [("model", "model", "{}"), ("variant", "variant", "{}"), ("ms / step", "ms", "{:.1f}"),
-                 ("hook ms / step", "hook_ms", "{:.2f}"), ("vs plain", "ratio", "{:.2f}x")])}
+{_table(rows_c, [("model", "model", "{}"), ("variant", "variant", "{}"), ("CPU ms / step", "cpu_ms", "{:.1f}"),
+                 ("hook CPU ms / step", "hook_cpu_ms", "{:.2f}"), ("vs plain (CPU)", "ratio", "{:.2f}x"),
+                 ("wall ms / step", "ms", "{:.1f}"), ("hook wall ms", "hook_ms", "{:.2f}"),
+                 ("vs plain (wall)", "ratio_wall", "{:.2f}x")])}
 """
     import json
 
@@ -425,7 +462,8 @@ user would otherwise fine-tune) and the folded plain model is listed for referen
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"a": ref + rows_a, "b": rows_b, "c": rows_c,
-                                                    "checks": checks, "sections": sections, "args": vars(a)},
+                                                    "checks": checks, "sections": sections, "args": vars(a),
+                                                    "date": dt.datetime.now().strftime('%Y-%m-%d %H:%M')},
                                                    indent=1, default=str))
     _plot(out.with_suffix(".png"), ref + rows_a)
     out.write_text(page)

@@ -49,6 +49,10 @@ def _args():
     p.add_argument("--calibration", type=int, default=256, help="images for reconstruction/discrimination")
     p.add_argument("--target", type=float, default=2.0, help="FLOPs ratio")
     p.add_argument("--output", default=None, help="run directories (default: a temporary directory)")
+    p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
+                   help="write the page from finished runs in these --output directories instead of running "
+                        "(lets the optimizers run as separate, concurrent processes)")
+    p.add_argument("--note", default=None, help="a paragraph added to the page (e.g. how --collect runs were made)")
     p.add_argument("--name", default=None, help="page name under docs/benchmarks/ (default search, --quick search_quick)")
     a = p.parse_args()
     full = {"trials": 20, "trial_steps": 20, "subset": 10000, "final_epochs": 2.0, "name": "search"}
@@ -97,14 +101,25 @@ def main() -> int:
     if "channel_pruning" not in LEARNERS:
         print("channel_pruning is not registered; nothing to benchmark", file=sys.stderr)
         return 2
+    import json
     out = Path(a.output or tempfile.mkdtemp(prefix="pocketflow-bench-search-"))
     rows, curves, extra = [], {}, {"args": vars(a), "runs": {}}
     for opt in [*a.optimizers, "none"]:
         name = f"search_{opt}"
         t0 = time.perf_counter()
-        res = pocketflow.compress(config(a, name, opt), output=str(out), force=True)
-        wall = time.perf_counter() - t0
-        m, s = res.metrics, res.metrics.get("search") or {}
+        if a.collect:
+            found = [Path(d) / name for d in a.collect if (Path(d) / name / "best" / "metrics.json").is_file()]
+            if not found:
+                print(f"{name}: no finished run in {' '.join(a.collect)}", file=sys.stderr)
+                return 2
+            run_dir = found[0]
+            m = json.loads((run_dir / "best" / "metrics.json").read_text())
+            wall = float("nan")
+        else:
+            res = pocketflow.compress(config(a, name, opt), output=str(out), force=True)
+            wall = time.perf_counter() - t0
+            m, run_dir = res.metrics, res.run_dir
+        s = m.get("search") or {}
         row = {"method": "uniform (no search)" if opt == "none" else opt,
                "search_val": s.get("best_val_accuracy"), "best_trial": s.get("best_trial"),
                "test": m["test_accuracy"], "flops": m["ratios"]["flops"],
@@ -117,11 +132,11 @@ def main() -> int:
         row["train_s"], row["eval_s"] = s.get("trial_train_seconds"), s.get("trial_eval_seconds")
         extra["runs"][opt] = {"row": row, "search": s, "params": m["params"], "info": m["info"].get("ratios")}
         if s:
-            curves[opt] = best_curve(res.run_dir, name)
+            curves[opt] = best_curve(run_dir, name)
         print(f"{row['method']}: test accuracy {row['test']:.4f} at {row['flops']:.3f}x FLOPs "
               f"({wall / 60:.1f} min)", flush=True)
 
-    base = res.metrics["baseline"]["test_accuracy"]
+    base = m["baseline"]["test_accuracy"]
 
     def draw(ax):
         for opt, pts in curves.items():
@@ -176,10 +191,16 @@ def main() -> int:
     ]
     if png:
         body += [f"![best so far]({a.name}.png)", ""]
+    if a.note:
+        body += [a.note, ""]
     body += [f"Caveats: one seed per optimizer and {a.trials} noisy short-budget trials; differences of a few tenths "
              "of a point between rows are within run-to-run noise (validation split of "
              f"{round(a.subset * 0.2):,} images). The machine is shared with other jobs, so times vary."]
-    cmd = "python scripts/benchmarks/search.py " + " ".join(sys.argv[1:])
+    argv = list(sys.argv[1:])
+    if "--note" in argv:  # the note is on the page already
+        i = argv.index("--note")
+        argv[i + 1:i + 2] = ['"…"']
+    cmd = "python scripts/benchmarks/search.py " + " ".join(argv)
     write_page(a.name, f"Search: GP vs TPE vs random vs uniform, {a.model} at {a.target:g}x FLOPs",
                cmd.strip(), "\n".join(body), started, extra)
     return 0

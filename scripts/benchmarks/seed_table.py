@@ -140,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--cluster-bits", type=int, default=4)
-    ap.add_argument("--goal-sparsity", type=float, default=0.85, help="our extra row, aimed at the 15x goal")
+    ap.add_argument("--goal-sparsity", type=float, default=0.88, help="our extra row, aimed at the 15x goal")
     ap.add_argument("--goal-cluster-bits", type=int, default=3)
     ap.add_argument("--goal-epochs", type=lambda v: tuple(int(x) for x in v.split(",")), default=(8, 3, 3),
                     help="goal row: prune, cluster, QAT epochs")
@@ -169,7 +169,7 @@ def main(argv=None):
             ("tflite_gzip_bytes_spread", "± (B)", ",.0f"), ("reduction", "reduction", ".2f"),
             ("tflite_bytes", "TFLite (B)", ",.0f"), ("latency_ms_b1", "latency b1 (ms)", ".3f"),
             ("latency_ms_b32", "latency b32 (ms)", ".3f")]
-    best = max((r for r in rows if r["tool"] == "pocketflow"), key=lambda r: r["reduction"]
+    best = max((r for r in rows if r["tool"] == "pocketflow" and "[per-tensor" not in r["name"]), key=lambda r: r["reduction"]
                if r["acc_delta_pt"] >= -0.2 else 0)
     png = DOCS / ("seed_table" + ("_quick" if a.quick else "") + ".png")
     DOCS.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,7 @@ def main(argv=None):
             f"(prune {ge[0]}, cluster {ge[1]}, QAT {ge[2]} epochs).\n\n"
             + md_table(rows, cols)
             + f"\n\n**Goal (issue 8)**: ≥ 15× smaller gzip'd than the gzip'd float baseline at accuracy ≥ "
-            f"baseline − 0.2 pt. Best PocketFlow row within 0.2 pt: **{best['name']}**, {best['reduction']:.2f}× "
+            f"baseline − 0.2 pt. Best PocketFlow row within 0.2 pt (exported by `pocketflow.export`): **{best['name']}**, {best['reduction']:.2f}× "
             f"({best['acc_delta_pt']:+.2f} pt) — goal "
             + ("**met**" if best["reduction"] >= 15 and best["acc_delta_pt"] >= -0.2 else "**not met**")
             + (". Rows at ≥ 15×: " + "; ".join(f"{r['name']} {r['reduction']:.2f}× at {r['acc_delta_pt']:+.2f} pt"

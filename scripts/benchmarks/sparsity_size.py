@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, dataset_npz, md_table, plot, run_learner, run_peer, tflite_row, write_page  # noqa: E402
 
@@ -21,6 +23,7 @@ def main(argv=None):
     ap.add_argument("--levels", default="0.5,0.75,0.9,0.95")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3, help="seeds; the median is shown with its spread")
     a = ap.parse_args(argv)
     import keras
 
@@ -29,31 +32,54 @@ def main(argv=None):
     from pocketflow.zoo import build_model
     started = time.time()
     if a.quick:
-        a.levels, a.epochs, a.ft_epochs = "0.5,0.9", 1, 1
+        a.levels, a.epochs, a.ft_epochs, a.reps = "0.5,0.9", 1, 1, 1
     data = load_dataset({"name": "fashion_mnist", "val_split": 0.1, "limit_train": 6000 if a.quick else None})
     levels = [float(v) for v in a.levels.split(",")]
-    keras.utils.set_random_seed(0)
-    base = build_model("seed_cnn", data.input_shape, 10)
-    Trainer(base, data, {"epochs": a.epochs, "batch_size": 128, "optimizer": "adam", "learning_rate": 1e-3,
-                         "schedule": "constant", "verbose": False}).fit()
-    rows = [tflite_row("baseline", base, data, None)]
     # the TFMOT peer's schedule and optimizer: PolynomialDecay 0 -> s from step 0 to 80% of the
     # fine-tuning, a mask update every end // 20 steps, Adam 1e-3 constant
     steps = math.ceil(len(data.x_train) / 128) * a.ft_epochs
     end = max(1, int(steps * 0.8))
-    for s in levels:
-        _, comp = run_learner(base, data, "weight_sparsity", a.ft_epochs, sparsity=s, end_step=end,
-                              frequency=max(1, end // 20),
-                              fine_tune={"epochs": a.ft_epochs, "learning_rate": 1e-3})
-        for q in (None, "int8"):
-            r = tflite_row(f"weight_sparsity {s:.0%}" + (" + int8" if q else ""), comp.deploy, data, q)
-            layers = comp.info.get("layers", {})
-            r["sparsity"] = sum(v["zeros"] for v in layers.values()) / max(1, sum(
-                math.prod(v["shape"]) for v in layers.values()))
-            r["level"], r["exact_size_bytes"] = s, comp.size_bytes
-            rows.append(r)
     npz = dataset_npz(data, Path("/tmp/sparsity_size_fmnist.npz"))
-    peer = run_peer(npz, "--mode", "sparsity", "--levels", a.levels, "--epochs", a.epochs, "--ft-epochs", a.ft_epochs)
+
+    def ours(seed):
+        keras.utils.set_random_seed(seed)
+        base = build_model("seed_cnn", data.input_shape, 10)
+        Trainer(base, data, {"epochs": a.epochs, "batch_size": 128, "optimizer": "adam", "learning_rate": 1e-3,
+                             "schedule": "constant", "verbose": False}, seed=seed).fit()
+        out = [tflite_row("baseline", base, data, None)]
+        for s in levels:
+            _, comp = run_learner(base, data, "weight_sparsity", a.ft_epochs, seed=seed, sparsity=s, end_step=end,
+                                  frequency=max(1, end // 20),
+                                  fine_tune={"epochs": a.ft_epochs, "learning_rate": 1e-3})
+            for q in (None, "int8"):
+                r = tflite_row(f"weight_sparsity {s:.0%}" + (" + int8" if q else ""), comp.deploy, data, q)
+                layers = comp.info.get("layers", {})
+                r["sparsity"] = sum(v["zeros"] for v in layers.values()) / max(1, sum(
+                    math.prod(v["shape"]) for v in layers.values()))
+                r["level"], r["exact_size_bytes"] = s, comp.size_bytes
+                out.append(r)
+        return out
+
+    def median(runs):
+        med = []
+        for i, r0 in enumerate(runs[0]):
+            r = dict(r0)
+            for k in ("tflite_accuracy", "tflite_gzip_bytes", "sparsity", "exact_size_bytes"):
+                vals = [run[i][k] for run in runs if run[i].get(k) is not None]
+                if vals:
+                    r[k] = float(np.median(vals))
+                    r[k + "_spread"] = float(max(vals) - min(vals))
+            med.append(r)
+        return med
+
+    ours_runs, peer_runs = [], []
+    for seed in range(a.reps):
+        ours_runs.append(ours(seed))
+        peer_runs.append(run_peer(npz, "--mode", "sparsity", "--levels", a.levels, "--epochs", a.epochs,
+                                  "--ft-epochs", a.ft_epochs, "--seed", seed)["rows"])
+        print(f"seed {seed} done", flush=True)
+    rows = median(ours_runs)
+    peer = {"rows": median(peer_runs)}
     for r in peer["rows"]:
         r["tool"] = "TFMOT"
         if "%" in r["name"]:
@@ -64,9 +90,10 @@ def main(argv=None):
         r["reduction"] = base_row["tflite_gzip_bytes"] / r["tflite_gzip_bytes"]
         r["delta_pt"] = 100 * (r["tflite_accuracy"] - base_row["tflite_accuracy"])
     cols = [("tool", "tool", ""), ("name", "model", ""), ("sparsity", "measured sparsity", ".3f"),
-            ("tflite_accuracy", "TFLite accuracy", ".4f"), ("delta_pt", "Δ vs own baseline (pt)", "+.2f"),
-            ("tflite_gzip_bytes", "gzip'd TFLite (B)", ",.0f"), ("reduction", "reduction", ".2f"),
-            ("exact_size_bytes", "sparse format (B)", ",.0f")]
+            ("tflite_accuracy", "TFLite accuracy", ".4f"), ("tflite_accuracy_spread", "± acc", ".4f"),
+            ("delta_pt", "Δ vs own baseline (pt)", "+.2f"),
+            ("tflite_gzip_bytes", "gzip'd TFLite (B)", ",.0f"), ("tflite_gzip_bytes_spread", "± (B)", ",.0f"),
+            ("reduction", "reduction", ".2f"), ("exact_size_bytes", "sparse format (B)", ",.0f")]
     DOCS.mkdir(parents=True, exist_ok=True)
 
     def draw(ax):
@@ -107,7 +134,9 @@ def main(argv=None):
             f"(int8 weights, float activations) — the same weight bytes, float compute. "
             f"gzip level 9. 'sparse format' is PocketFlow's exact sparse representation (values + index "
             f"overhead, see learners/weight_sparsity.py). Each tool trains its own baseline the same way "
-            f"(seed 0), so accuracies are compared as the change from that tool's own baseline.\n\n"
+            f"per seed, so accuracies are compared as the change from that tool's own baseline. {a.reps} "
+            f"seed(s): median shown, ± = max − min over the seeds; differences smaller than the spread are "
+            f"noise.\n\n"
             + md_table(rows, cols)
             + "\n\n## Side by side (Δ = change from the tool's own float baseline)\n\n" + md_table(cmp_rows, cmp_cols)
             + ("\n\nWhere TFMOT wins (accuracy or size): " + ", ".join(lost) + "." if lost
