@@ -127,7 +127,7 @@ def test_stop_signal_marks_the_running_trial_and_resume_finishes(seed_model, tmp
 
 
 def _four_workers(seed_model, tmp_path, storage: str, name: str):
-    cfg = config(tmp_path / "c.yaml", name, seed_model, trials=8, storage=storage)
+    cfg = config(tmp_path / "c.yaml", name, seed_model, trials=8, storage=storage, steps=40)
     procs = []
     for i in range(4):
         log = open(tmp_path / f"w{i}.log", "w")

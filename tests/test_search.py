@@ -176,7 +176,16 @@ def test_two_workers_share_the_budget(seed_model, tmp_path):
     try:
         wait_for(lambda: any(t.state.name == "RUNNING" for t in load(db, "par").get_trials()),
                  what="the first worker's first trial")
-        second = popen("run", cfg, "--output", tmp_path / "b", log=tmp_path / "b.log")
+        # hold the first worker until the second has joined, or on a loaded machine the first
+        # may finish the budget while the second is still importing TensorFlow
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = popen("run", cfg, "--output", tmp_path / "b", log=tmp_path / "b.log")
+            wait_for(lambda: any(t.state.name == "RUNNING" and t.user_attrs.get("worker", {}).get("pid") == second.pid
+                                 for t in load(db, "par").get_trials()), timeout=600,
+                     what="the second worker's first trial")
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert second.wait(timeout=600) == 0, (tmp_path / "b.log").read_text()[-3000:]
         assert first.wait(timeout=600) == 0, (tmp_path / "a.log").read_text()[-3000:]
     finally:
