@@ -90,15 +90,15 @@ class Learner(abc.ABC):
         """Move `params` along `scale` so predict_ratio meets `ratio` (within `tol`, or above).
 
         Bisection on alpha: the predicted ratio must fall as alpha grows. A point that already
-        meets the target is pulled back towards it (less compression = more accuracy).
+        meets the target is pulled back towards it along `relax` (less compression = more
+        accuracy), where the learner has that knob.
         """
         lo, hi = 0.0, 1.0
         if self.predict_ratio(model, self.scale(params, lo), metric) < ratio * (1 - 1e-9):
             raise PocketFlowError(f"target {metric} ratio {ratio:g}x is out of reach for learner "
                                   f"'{self.name}' (maximum {self.max_ratio(model, metric):.2f}x)")
         if self.predict_ratio(model, self.scale(params, hi), metric) >= ratio:
-            # already compressed enough; grow alpha beyond 1 only if the learner allows it
-            return self.scale(params, hi)
+            return self._pull_back(model, params, metric, ratio)
         for _ in range(40):
             mid = (lo + hi) / 2
             if self.predict_ratio(model, self.scale(params, mid), metric) >= ratio:
@@ -108,6 +108,28 @@ class Learner(abc.ABC):
             if hi - lo < 1e-4:
                 break
         return self.scale(params, lo)
+
+    def relax(self, params: dict, beta: float) -> dict:
+        """The other direction of `scale`: beta=0 keeps `params`, beta=1 compresses least (no
+        sparsity, most bits, all channels). Lets `project` pull an over-compressed point back
+        to the target instead of spending accuracy on ratio nobody asked for."""
+        raise PocketFlowError(f"learner '{self.name}' cannot relax a point")
+
+    def _pull_back(self, model, params: dict, metric: str, ratio: float) -> dict:
+        """The least compressed point on `relax`'s line that still meets `ratio` (bisection)."""
+        try:
+            if self.predict_ratio(model, self.relax(params, 1.0), metric) >= ratio:
+                return self.relax(params, 1.0)
+        except PocketFlowError:
+            return params  # no knob: keep the point as it is
+        lo, hi = 0.0, 1.0
+        while hi - lo > 1e-4:
+            mid = (lo + hi) / 2
+            if self.predict_ratio(model, self.relax(params, mid), metric) >= ratio:
+                lo = mid
+            else:
+                hi = mid
+        return self.relax(params, lo)
 
     # -- compression ----------------------------------------------------------------------
     @abc.abstractmethod

@@ -147,6 +147,15 @@ class Chain(Learner):
                 pass  # a step without a knob keeps its point
         return self._join(parts)
 
+    def relax(self, params, beta):
+        parts = self.split(params)
+        for n, step in self.steps:
+            try:
+                parts[n] = step.relax(parts[n], beta)
+            except PocketFlowError:
+                pass  # a step without a knob keeps its point
+        return self._join(parts)
+
     def predict_ratio(self, model, params, metric):
         from pocketflow.metrics import count_params
         parts, ratio, moved = self.split(params), 1.0, False

@@ -152,6 +152,11 @@ class ChannelPruning(Learner):
         lo = float(self.cfg["ratio_range"][0])
         return {k: (lo + alpha * (v - lo) if k.startswith(_PREFIX) else v) for k, v in params.items()}
 
+    def relax(self, params: dict, beta: float) -> dict:
+        """Ratios moved towards 1 (keep every channel)."""
+        beta = min(1.0, max(0.0, beta))
+        return {k: (v + beta * (1.0 - v) if k.startswith(_PREFIX) else v) for k, v in params.items()}
+
     def predict_ratio(self, model, params: dict, metric: str) -> float:
         g = self.graph(model)
         counts = self._counts(g, params)

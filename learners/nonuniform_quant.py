@@ -84,6 +84,11 @@ class NonuniformQuant(TransformLearner):
         alpha = min(1.0, max(0.0, alpha))
         return {k: (1 + int(round(alpha * (v - 1))) if k.startswith("bits/") else v) for k, v in params.items()}
 
+    def relax(self, params, beta):
+        """bits = b + round(beta * (4 - b)): beta = 1 puts every layer at 4 bits."""
+        beta = min(1.0, max(0.0, beta))
+        return {k: (int(v) + int(round(beta * (4 - int(v)))) if k.startswith("bits/") else v) for k, v in params.items()}
+
     def make_transforms(self, name, layer, value, existing):
         return [Codebook(int(value), bool(self.cfg.get("keep_zero", True)), self.cfg.get("init", "kmeans"),
                          depthwise=is_depthwise(layer), name=f"{name}_codebook")]

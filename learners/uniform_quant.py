@@ -205,6 +205,11 @@ class UniformQuant(TransformLearner):
         alpha = min(1.0, max(0.0, alpha))
         return {k: (2 + int(round(alpha * (v - 2))) if k.startswith("bits/") else v) for k, v in params.items()}
 
+    def relax(self, params, beta):
+        """bits = b + round(beta * (8 - b)): beta = 1 puts every layer at 8 bits."""
+        beta = min(1.0, max(0.0, beta))
+        return {k: (int(v) + int(round(beta * (8 - int(v)))) if k.startswith("bits/") else v) for k, v in params.items()}
+
     def prepare(self, model):
         return fold_batchnorm(model) if self.cfg.get("fold_batchnorm", True) else model
 

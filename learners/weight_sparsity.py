@@ -131,6 +131,13 @@ class WeightSparsity(TransformLearner):
             out[k] = float(1 - d_min ** (1 - alpha) * d ** alpha)
         return out
 
+    def relax(self, params, beta):
+        """Sparsity shrunk towards 0 (N:M layers stay as they are: their sparsity is fixed)."""
+        beta = min(1.0, max(0.0, beta))
+        if self.pattern[0] == "nm":
+            return dict(params)
+        return {k: (float(v) * (1 - beta) if k.startswith("sparsity/") else v) for k, v in params.items()}
+
     def describe(self, rep, value):
         zeros = expected_zeros(rep.shape, value, self.cfg.get("pattern") or "unstructured", rep.depthwise)
         return replace(rep, zeros=zeros, sparse=True)

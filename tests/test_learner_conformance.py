@@ -56,3 +56,34 @@ def test_learner_conformance(name, trained_seed_cnn, small_data):
     keras_out = np.asarray(comp.deploy(x, training=False))
     diff = verify_tflite(comp.deploy, to_tflite(comp.deploy), x)
     assert diff <= 1e-3 * (1 + np.abs(keras_out).max()), (name, diff)
+
+
+#: learners whose points can be projected, with a target they reach on the seed CNN
+PROJECTABLE = {"weight_sparsity": ("compression", 3.0), "uniform_quant": ("compression", 6.0),
+               "nonuniform_quant": ("compression", 10.0), "chain": ("compression", 8.0),
+               "channel_pruning": ("flops", 1.5)}
+
+
+@pytest.mark.parametrize("name", [n for n in PROJECTABLE if n in LEARNERS])
+def test_projection_meets_the_target_from_both_sides(name, trained_seed_cnn):
+    """A point that compresses too little is pushed to the target, one that compresses far
+    more is pulled back to it (within 1%, or above where bits are integers)."""
+    model = trained_seed_cnn
+    metric, ratio = PROJECTABLE[name]
+    learner = LEARNERS.get(name)(learner_cfg(name, **REQUIRED.get(name, {})))
+    space = learner.search_space(model)
+    for extreme in (0.0, 1.0):  # least and most compressing corner of the space
+        point = {}
+        for k, dim in space.items():
+            if isinstance(dim, Categorical):
+                point[k] = dim.choices[int(extreme) * (len(dim.choices) - 1)]
+            else:
+                lo, hi = dim.low, dim.high
+                least_first = "sparsity" not in k  # high sparsity, low bits/ratios compress most
+                v = (lo if least_first else hi) if extreme else (hi if least_first else lo)
+                point[k] = int(v) if isinstance(dim, Int) else float(v)
+        point = {**learner.default_params(model), **point}
+        got = learner.predict_ratio(model, learner.project(model, point, metric, ratio), metric)
+        integer = all(isinstance(d, Int) for d in space.values())
+        assert got >= ratio * 0.99, (name, extreme, got)
+        assert got <= ratio * (1.6 if integer else 1.05), (name, extreme, got)
