@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import socket
 import sys
 import threading
@@ -305,13 +306,21 @@ class Search:
             _sqlite_wal(sqlite)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            try:
-                self.storage = RDBStorage(url, engine_kwargs=kw, heartbeat_interval=HEARTBEAT_SECONDS,
-                                          grace_period=GRACE_SECONDS,
-                                          heartbeat_stale_trial_callback=lambda s, t: self._requeue(t))
-            except Exception as e:  # bad URL, unreachable server, missing driver
-                raise PocketFlowError(f"search.storage {_masked(url)}: cannot open ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0][:200]})") from None
+            for attempt in range(8):
+                try:
+                    self.storage = RDBStorage(url, engine_kwargs=kw, heartbeat_interval=HEARTBEAT_SECONDS,
+                                              grace_period=GRACE_SECONDS,
+                                              heartbeat_stale_trial_callback=lambda s, t: self._requeue(t))
+                    break
+                except Exception as e:  # bad URL, unreachable server, missing driver
+                    text = str(e)
+                    if attempt < 7 and ("already exists" in text or "duplicate key" in text):
+                        # workers started together race to create the schema: the loser waits
+                        # for the winner's tables and opens them
+                        time.sleep(0.5 + random.random())
+                        continue
+                    raise PocketFlowError(f"search.storage {_masked(url)}: cannot open ({type(e).__name__}: "
+                                          f"{text.splitlines()[0][:200]})") from None
             if sqlite is not None:
                 _sqlite_tune(self.storage.engine)
         name = self.cfg["study_name"] or self.ctx.cfg["name"]
