@@ -29,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from common import cpu_name, load_avg  # noqa: E402
 MODEL = ROOT.parent / "shared" / "models" / "resnet20_fashion_mnist.keras"
 
 # name -> (learner keys, description); every architecture is projected from uniform ratios
@@ -62,20 +63,6 @@ def _args():
         a.latency_target = 0.0  # the bisection converts a dozen models: minutes
     a.name = a.name or ("channel_pruning_quick" if a.quick else "channel_pruning")
     return a
-
-
-def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _flags() -> str:
@@ -157,7 +144,7 @@ def _conv_sweep(rounds: int) -> list[dict]:
 def main() -> int:
     a = _args()
     t_start = time.perf_counter()
-    load_before = _load()
+    load_before = load_avg()
     import keras
     import numpy as np
 
@@ -241,12 +228,12 @@ def main() -> int:
     # -- latency ---------------------------------------------------------------------------------------
     sweep = _conv_sweep(a.rounds)
     blobs = {"original": to_tflite(model), **{k: to_tflite(v["model"]) for k, v in archs.items()}}
-    load_lat = _load()
+    load_lat = load_avg()
     lat, lat_med = _latencies(blobs, shape, a.rounds)
     wall = time.perf_counter() - t_start
     res = {"command": _command(), "date": dt.datetime.now().isoformat(timespec="seconds"),
-           "machine": f"{_cpu()} ({_flags()}), {os.cpu_count()} cores, {platform.platform()}",
-           "load_average": {"start": load_before, "latency": load_lat, "end": _load()}, "wall_s": wall,
+           "machine": f"{cpu_name()} ({_flags()}), {os.cpu_count()} cores, {platform.platform()}",
+           "load_average": {"start": load_before, "latency": load_lat, "end": load_avg()}, "wall_s": wall,
            "model": str(a.model), "base_accuracy": base_acc, "base_macs": M.count_macs(model),
            "base_params": M.count_params(model), "args": {k: v for k, v in vars(a).items()},
            "accuracy": rows, "conv_sweep": sweep,

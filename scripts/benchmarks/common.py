@@ -19,6 +19,21 @@ DOCS = ROOT / "docs" / "benchmarks"
 sys.path.insert(0, str(ROOT))
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_avg(sep: str = " ") -> str:
+    """The 1/5/15-minute load average: the machine is shared, numbers depend on it."""
+    return sep.join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def machine() -> str:
     import tensorflow as tf
     load = os.getloadavg()[0]

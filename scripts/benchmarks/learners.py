@@ -24,7 +24,6 @@ import argparse
 import datetime as dt
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from common import cpu_name, load_avg  # noqa: E402
 VGG = ROOT.parent / "shared" / "models" / "vgg_small_fashion_mnist.keras"
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 VGG_BASELINE = 0.9416
@@ -62,20 +62,6 @@ def _args(argv=None):
     name = "learners_quick" if a.quick else "learners"
     a.out = a.out or str(ROOT / "docs" / "benchmarks" / f"{name}.md")
     return a
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _load() -> str:
-    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def _learner(name: str, fine_tune: dict, distill: dict | None = None, **kw):
@@ -253,7 +239,7 @@ def _plot(path, rows):
 
 def main(argv=None) -> int:
     a = _args(argv)
-    started, load_start = time.perf_counter(), _load()
+    started, load_start = time.perf_counter(), load_avg(" / ")
     import keras
     import tensorflow as tf
 
@@ -352,7 +338,7 @@ def main(argv=None) -> int:
     print(rows_b[-1], flush=True)
 
     # (c) step time
-    load_c = _load()
+    load_c = load_avg(" / ")
     rows_c = (step_times("VGG-small", vgg, fm, a.timing_rounds, sparse_steps, sparse_freq)
               + step_times("seed CNN", seed, mn, a.timing_rounds, math.ceil(a.mnist_epochs * per_epoch(mn))))
     for r in rows_c:
@@ -384,9 +370,9 @@ def main(argv=None) -> int:
 
 Command: `{cmd}`
 Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; wall time {wall / 60:.1f} min.
-Machine: {_cpu()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}.
+Machine: {cpu_name()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}.
 The machine is shared with other engineers' TensorFlow jobs; load average (1/5/15 min) at start
-{load_start}, before the timing part {load_c}, at the end {_load()}.
+{load_start}, before the timing part {load_c}, at the end {load_avg(" / ")}.
 
 {"**Smoke run (`--quick`)**: 2,000 training images and a handful of steps per learner, to check that the suite runs; its accuracies say nothing about the goals." if a.quick else ""}
 
