@@ -189,11 +189,16 @@ def load_keras_file(path, unsafe: bool = False) -> keras.Model:
     return model
 
 
+def _cwd_on_path() -> None:
+    """User modules are found in the working directory, as `python -m` would find them."""
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+
+
 def import_modules(modules) -> None:
     """Import the user's modules (from the working directory too) so their registered custom
     layers and model functions exist before a `.keras` file is loaded."""
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    _cwd_on_path()
     for name in modules or ():
         try:
             importlib.import_module(name)
@@ -204,8 +209,7 @@ def import_modules(modules) -> None:
 def load_from_function(spec: str, input_shape, num_classes: int, args: dict | None = None) -> keras.Model:
     """`package.module:function` -> the Keras model it returns."""
     mod_name, _, fn_name = spec.partition(":")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    _cwd_on_path()
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
