@@ -138,23 +138,21 @@ class Chain(Learner):
     def _join(self, parts: dict) -> dict:
         return {f"{n}/{k}": v for n, p in parts.items() for k, v in p.items()}
 
-    def scale(self, params, alpha):
+    def _each_step(self, params, knob: str, value):
+        """Turn the same knob (scale or relax) of every step; a step without it keeps its point."""
         parts = self.split(params)
         for n, step in self.steps:
             try:
-                parts[n] = step.scale(parts[n], alpha)
+                parts[n] = getattr(step, knob)(parts[n], value)
             except PocketFlowError:
-                pass  # a step without a knob keeps its point
+                pass
         return self._join(parts)
 
+    def scale(self, params, alpha):
+        return self._each_step(params, "scale", alpha)
+
     def relax(self, params, beta):
-        parts = self.split(params)
-        for n, step in self.steps:
-            try:
-                parts[n] = step.relax(parts[n], beta)
-            except PocketFlowError:
-                pass  # a step without a knob keeps its point
-        return self._join(parts)
+        return self._each_step(params, "relax", beta)
 
     def predict_ratio(self, model, params, metric):
         from pocketflow.metrics import count_params
