@@ -77,3 +77,29 @@ def assert_one_line_error(proc, *pieces, code=2):
     for p in pieces:
         assert p in lines[0], lines[0]
     return lines[0]
+
+
+USER_LAYER_SOURCE = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="{package}")
+class Scale(keras.layers.Layer):
+    """A user's custom layer: PocketFlow cannot know what it does with channels."""
+
+    def call(self, x):
+        return x * 2.0
+'''
+
+
+def user_layer_module(directory: Path, module: str):
+    """Write a user's module defining a registered custom layer `Scale` into `directory` (where
+    a CLI run started there finds it through model.imports) and import it here; returns `Scale`."""
+    import importlib
+    (directory / f"{module}.py").write_text(USER_LAYER_SOURCE.format(package=module))
+    sys.path.insert(0, str(directory))
+    try:
+        return importlib.import_module(module).Scale
+    finally:
+        sys.path.remove(str(directory))
+

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from conftest import SMALL_NPZ, assert_one_line_error, run_cli
+from conftest import SMALL_NPZ, assert_one_line_error, run_cli, user_layer_module
 
 DATA = f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1, limit_train: 600}}\n"
 SMALL = DATA + "model: {name: seed_cnn}\ntrain: {epochs: 1, verbose: false}\n"
@@ -99,27 +99,11 @@ def test_lambda_model_is_refused_in_safe_mode(tmp_path):
     assert_one_line_error(run(tmp_path, DATA + f"model: {{name: {path}}}\n"), "lam.keras", "--unsafe-load")
 
 
-CUSTOM_LAYER = '''
-import keras
-
-@keras.saving.register_keras_serializable(package="userpkg")
-class Scale(keras.layers.Layer):
-    def call(self, x):
-        return x * 2.0
-'''
 
 
 def test_custom_layer_not_imported_names_the_class_and_the_fix(tmp_path):
-    import importlib
-    import sys
-    (tmp_path / "userpkg_layers.py").write_text(CUSTOM_LAYER)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        mod = importlib.import_module("userpkg_layers")
-        path = tmp_path / "custom.keras"
-        _save_model(path, mod.Scale())
-    finally:
-        sys.path.remove(str(tmp_path))
+    path = tmp_path / "custom.keras"
+    _save_model(path, user_layer_module(tmp_path, "userpkg_layers")())
     text = DATA + f"model: {{name: {path}}}\n"
     assert_one_line_error(run(tmp_path, text), "custom class 'Scale'", "model.imports")
     # the fix the message names works (the module is found in the working directory)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL_NPZ, learner_cfg, run_cli
+from conftest import SMALL_NPZ, learner_cfg, run_cli, user_layer_module
 
 keras = pytest.importorskip("keras")
 
@@ -282,30 +282,12 @@ export: {{formats: [keras, tflite]}}
     assert metrics["exports"]["tflite"]["max_abs_diff_vs_keras"] < 1e-4
 
 
-USER_LAYERS = '''
-import keras
-
-
-@keras.saving.register_keras_serializable(package="pf_test_user")
-class Scale(keras.layers.Layer):
-    """A user's custom layer: channel pruning cannot know what it does with channels."""
-
-    def call(self, x):
-        return x * 2.0
-'''
 
 
 def test_cli_run_skips_unsupported_layers_by_name(tmp_path):
     """Item 4: a user's .keras model with a custom layer and a Lambda (loaded with --unsafe-load):
     each is reported by name on one line, its groups stay whole, the run finishes and exports."""
-    import importlib
-    import sys
-    (tmp_path / "pf_user_layers.py").write_text(USER_LAYERS)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        Scale = importlib.import_module("pf_user_layers").Scale
-    finally:
-        sys.path.remove(str(tmp_path))
+    Scale = user_layer_module(tmp_path, "pf_user_layers")
     inp = keras.Input((28, 28, 1))
     x = L.Conv2D(8, 3, name="conv1")(inp)
     x = L.BatchNormalization(name="bn1")(x)
