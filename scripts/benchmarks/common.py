@@ -120,11 +120,11 @@ def write_page(name: str, title: str, command: str, body: str, started: float, e
     print(f"wrote {DOCS / (name + '.md')} ({wall / 60:.1f} min)")
 
 
-def plot(path: Path, fn) -> Path:
+def plot(path: Path, fn, figsize=(6, 4)) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=figsize)
     fn(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

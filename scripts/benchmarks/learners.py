@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from common import cpu_name, load_avg  # noqa: E402
+from common import cpu_name, load_avg, plot  # noqa: E402
 VGG = ROOT.parent / "shared" / "models" / "vgg_small_fashion_mnist.keras"
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 VGG_BASELINE = 0.9416
@@ -218,23 +218,18 @@ ACC_COLS = [("run", "run", "{}"), ("sparsity", "sparsity", "{:.3f}"), ("trained 
 
 
 def _plot(path, rows):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for r in rows:
-        ax.scatter(r["gz"] / 1024, r["tflite"], s=30)
-        ax.annotate(r["run"], (r["gz"] / 1024, r["tflite"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(VGG_BASELINE - 0.01, color="grey", ls=":", lw=1, label="baseline - 1 pt")
-    ax.axhline(VGG_BASELINE - 0.005, color="grey", ls="--", lw=1, label="baseline - 0.5 pt")
-    ax.set_xscale("log")
-    ax.set_xlabel("gzip'd TFLite (KiB)")
-    ax.set_ylabel("TFLite test accuracy")
-    ax.set_title("VGG-small, Fashion-MNIST")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    def draw(ax):
+        for r in rows:
+            ax.scatter(r["gz"] / 1024, r["tflite"], s=30)
+            ax.annotate(r["run"], (r["gz"] / 1024, r["tflite"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(VGG_BASELINE - 0.01, color="grey", ls=":", lw=1, label="baseline - 1 pt")
+        ax.axhline(VGG_BASELINE - 0.005, color="grey", ls="--", lw=1, label="baseline - 0.5 pt")
+        ax.set_xscale("log")
+        ax.set_xlabel("gzip'd TFLite (KiB)")
+        ax.set_ylabel("TFLite test accuracy")
+        ax.set_title("VGG-small, Fashion-MNIST")
+        ax.legend(fontsize=7)
+    plot(path, draw, figsize=(6.5, 4))
 
 
 def main(argv=None) -> int:
