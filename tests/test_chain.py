@@ -18,7 +18,6 @@ keras = pytest.importorskip("keras")
 
 from pocketflow import metrics as M  # noqa: E402
 from pocketflow.errors import ConfigError, PocketFlowError  # noqa: E402
-from pocketflow.export import to_tflite  # noqa: E402
 from pocketflow.learners import LEARNERS, Budget  # noqa: E402
 from pocketflow.learners.wrappers import (ActivationQuant, Codebook, FakeQuant, MagnitudeMask,  # noqa: E402
                                           read_packed, wrappers)
@@ -61,13 +60,10 @@ def test_chain_keeps_sparsity_zeros_and_codebook(chained):
 
 
 def test_chain_int8_tflite_close_to_qat_and_keeps_zeros(chained, small_data):
-    from test_learners_quant_sparsity import tflite_kernels
+    from test_learners_quant_sparsity import int8_blob_matching_qat, tflite_kernels
     learner, comp = chained
     assert learner.export_quantize == "int8"
-    blob = to_tflite(comp.deploy, "int8", small_data.representative())
-    qat = M.accuracy(comp.model, small_data.x_test, small_data.y_test)
-    lite = M.tflite_accuracy(blob, small_data.x_test, small_data.y_test)
-    assert abs(qat - lite) <= 0.005, (qat, lite)
+    blob = int8_blob_matching_qat(comp, small_data)
     ks = kernels(comp.deploy)
     for name, t in tflite_kernels(blob, ks).items():
         assert np.all(t[ks[name] == 0] == 0), name

@@ -36,6 +36,15 @@ def kernels(model) -> dict:
             if isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense))}
 
 
+def int8_blob_matching_qat(comp, data) -> bytes:
+    """The full-integer TFLite export of `comp`, checked within 0.5 pt of its QAT Keras model."""
+    blob = to_tflite(comp.deploy, "int8", data.representative())
+    qat = M.accuracy(comp.model, data.x_test, data.y_test)
+    lite = M.tflite_accuracy(blob, data.x_test, data.y_test)
+    assert abs(qat - lite) <= 0.005, (qat, lite)
+    return blob
+
+
 def tflite_kernels(blob: bytes, like: dict) -> dict:
     """The weight tensors of a TFLite model, read back with the interpreter, dequantized if int8
     and transposed to Keras layout; matched to `like` (name -> Keras kernel) by shape."""
@@ -214,10 +223,7 @@ def test_uniform_weights_on_per_channel_grid(uniform, bits, tmp_path):
 
 def test_uniform_int8_tflite_matches_qat_model(uniform, small_data):
     learner, comp = uniform[8]
-    blob = to_tflite(comp.deploy, "int8", small_data.representative())
-    qat = M.accuracy(comp.model, small_data.x_test, small_data.y_test)
-    lite = M.tflite_accuracy(blob, small_data.x_test, small_data.y_test)
-    assert abs(qat - lite) <= 0.005, (qat, lite)
+    blob = int8_blob_matching_qat(comp, small_data)
     # what was trained is what TFLite stores: the converter's int8 weights are the QAT grid
     ks = kernels(comp.deploy)
     for name, t in tflite_kernels(blob, ks).items():
