@@ -63,7 +63,8 @@ class NonuniformQuant(TransformLearner):
     params = {
         "bits": Field(int, 4, check=_bits_1_4, help="index bits per weight, 1..4 (2^bits shared values)"),
         "per_layer": per_layer_field(_bits_1_4, "bits"),
-        "init": Field(str, "kmeans", choices=("kmeans", "quantile"), help="centroid initialisation"),
+        "init": Field(str, "kmeans", choices=("kmeans", "linear", "quantile"),
+                      help="centroid initialisation (linear: evenly spaced, lower-entropy codes)"),
         "keep_zero": Field(bool, True, help="exact zeros (pruned weights) keep a fixed zero code"),
         "refresh_every": Field((int, type(None)), None, check=non_negative,
                                help="steps between re-assignments (0: never; default: about 10 per run)"),

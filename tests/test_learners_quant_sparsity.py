@@ -21,8 +21,8 @@ from pocketflow.errors import ConfigError, PocketFlowError  # noqa: E402
 from pocketflow.export import export_model, to_tflite  # noqa: E402
 from pocketflow.learners import LEARNERS, Budget  # noqa: E402
 from pocketflow.learners.wrappers import (Codebook, KernelWrapper, MagnitudeMask, as_matrix,  # noqa: E402
-                                          calibrate_activations, read_packed, strip_model, wrap_model,
-                                          wrappers)
+                                          calibrate_activations, kmeans_1d, nearest_index, read_packed,
+                                          strip_model, wrap_model, wrappers)
 
 
 def make(name, **kw):
@@ -290,6 +290,17 @@ def test_nonuniform_codebook_values_and_exact_size(trained_seed_cnn, small_data,
     # few distinct values: the float TFLite gzips far below the original's
     assert M.gzip_size(to_tflite(comp.deploy)) < 0.4 * M.gzip_size(to_tflite(trained_seed_cnn))
     assert M.accuracy(comp.deploy, small_data.x_test, small_data.y_test) > 0.6
+
+
+def test_kmeans_1d_initialisations():
+    v = np.random.default_rng(0).normal(size=5000)
+    sse = lambda c: float(np.sum((v - c[nearest_index(v, c)]) ** 2))  # noqa: E731
+    lin, km, qu = (kmeans_1d(v, 8, init) for init in ("linear", "kmeans", "quantile"))
+    np.testing.assert_allclose(lin, np.linspace(v.min(), v.max(), 8))
+    assert sse(km) < sse(lin) and sse(km) < sse(qu)  # Lloyd's iterations only improve on their start
+    # linear spacing leaves most weights on the central codes: lower code entropy than k-means
+    ent = lambda c: -sum(p * np.log2(p) for p in np.bincount(nearest_index(v, c)) / v.size if p > 0)  # noqa: E731
+    assert ent(lin) < ent(km) - 0.2
 
 
 def test_codebook_keeps_prior_zeros_and_centroid_gradient(trained_seed_cnn):
