@@ -50,7 +50,9 @@ def test_chain_keeps_sparsity_zeros_and_codebook(chained):
     ws = {w.name: w for w in wrappers(comp.model)}
     assert {n: [type(t) for t in w.transforms] for n, w in ws.items()} == {
         n: [MagnitudeMask, Codebook, FakeQuant] for n in ("conv", "logits")}
-    assert all(isinstance(w.act_quant, ActivationQuant) for w in ws.values())
+    # one 8-bit activation quant per layer output: the conv's after its max pool (PooledQuant)
+    assert isinstance(ws["logits"].act_quant, ActivationQuant) and ws["conv"].act_quant is None
+    assert isinstance(comp.model.get_layer("pool").act_quant, ActivationQuant)
     for name, k in kernels(comp.deploy).items():
         mask = ws[name].transforms[0].mask.numpy()
         np.testing.assert_array_equal(k == 0, mask == 0)  # exactly the sparsity zeros, no others
