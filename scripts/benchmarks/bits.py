@@ -39,9 +39,11 @@ def _args(argv=None):
     p.add_argument("--trials", type=int, default=6, help="TPE trials of the per-layer search")
     p.add_argument("--trial-steps", type=int, default=20, help="fine-tuning steps per trial")
     p.add_argument("--final-steps", type=int, default=100, help="final fine-tuning steps, fixed and searched")
+    p.add_argument("--test-images", type=int, default=None, help="test images (default all 10000)")
     a = p.parse_args(argv)
     if a.quick:
-        a.subset, a.steps, a.trials, a.trial_steps, a.final_steps = 2000, 5, 2, 3, 5
+        a.subset, a.steps, a.trials, a.trial_steps, a.final_steps = 1000, 3, 2, 2, 3
+        a.test_images = a.test_images or 1000
     return a
 
 
@@ -87,7 +89,8 @@ def fixed_rows(a, model, data):
 def pipeline_config(a, name, optimizer, ratio):
     return {
         "name": name, "seed": 0,
-        "data": {"name": "fashion_mnist", "val_split": 0.2, "limit_train": a.subset, "augment": True},
+        "data": {"name": "fashion_mnist", "val_split": 0.2, "limit_train": a.subset, "limit_test": a.test_images,
+                 "augment": True},
         "model": {"name": a.model},
         "learner": {"name": "uniform_quant", "bits": 4, "fine_tune": {**fine_tune(a, a.final_steps),
                                                                        "verbose": False}},
@@ -129,7 +132,8 @@ def main(argv=None):
     from pocketflow.learners import LEARNERS
     from pocketflow.zoo import load_keras_file
     model = load_keras_file(a.model)
-    data = load_dataset({"name": "fashion_mnist", "val_split": 0.2, "limit_train": a.subset, "augment": True})
+    data = load_dataset({"name": "fashion_mnist", "val_split": 0.2, "limit_train": a.subset,
+                         "limit_test": a.test_images, "augment": True})
     base = M.accuracy(model, data.x_test, data.y_test)
     fblob = to_tflite(model)
     base_row = {"kind": "float baseline", "bits": 32, "keras_acc": base,
@@ -179,8 +183,8 @@ def main(argv=None):
                   "this is **not** a difference beyond single-seed noise" if diff >= -noise else
                   "the search is **worse** by more than that noise"))
     body = (f"Model `{Path(a.model).name}` (test accuracy {base:.4f}); Fashion-MNIST, the first {a.subset:,} "
-            f"training images (20% held out for validation), shift + flip augmentation, full 10,000-image test "
-            f"split. 1 seed; small budgets — see below.\n\n"
+            f"training images (20% held out for validation), shift + flip augmentation, "
+            f"{len(data.x_test):,}-image test split. 1 seed; small budgets — see below.\n\n"
             f"## Fixed bits per model\n\nEvery row fine-tunes {a.steps} steps (batch 128, Adam from {a.lr:g}, "
             f"cosine). Uniform = `uniform_quant` (QAT, 8-bit activations, BN folded); 8 bits is exported as "
             f"full-integer int8 TFLite, below 8 bits as a float TFLite holding the de-quantized grid values "

@@ -16,7 +16,8 @@ Fine-tuning follows the baseline's own recipe (SGD + Nesterov, cosine, shift + f
 with the original model as distillation teacher, all through the learners' config sections;
 budgets are small (3 epochs for sparsity, half an epoch for quantization) because a VGG-small
 epoch costs minutes on this 2-core machine: the numbers show what the learners reach on a
-budget, not their ceiling. `--quick`: a smoke run on 2,000 images (learners_quick.md).
+budget, not their ceiling. `--quick`: a smoke run on 1,000 VGG / 2,000 MNIST training images and 1,000 test images
+(learners_quick.md).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ VGG_BASELINE = 0.9416
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke version (2,000 images, a few steps), "
+    p.add_argument("--quick", action="store_true", help="smoke version (1,000-2,000 images, a few steps), "
                    "writes learners_quick.md")
     p.add_argument("--subset", type=int, default=None, help="Fashion-MNIST training images (default: all 60,000)")
     p.add_argument("--sparse-epochs", type=float, default=3.0, help="VGG weight_sparsity fine-tuning epochs")
@@ -51,12 +52,14 @@ def _args(argv=None):
     p.add_argument("--mnist-epochs", type=float, default=2.0, help="seed CNN fine-tuning epochs")
     p.add_argument("--chain", action="store_true", help="also run the chain sparsity -> codebooks -> QAT on VGG")
     p.add_argument("--timing-rounds", type=int, default=5)
+    p.add_argument("--test-images", type=int, default=None, help="test images (default all 10000; --quick 1000)")
     p.add_argument("--reuse-a", default=None, help="take part (a) (the VGG fine-tunes, ~25 min) from the JSON "
                    "of an earlier run with the same settings instead of re-running it; the page says so")
     p.add_argument("--out", default=None, help="page path (default docs/benchmarks/learners[_quick].md)")
     a = p.parse_args(argv)
     if a.quick:
-        a.subset = a.subset or 2000
+        a.subset = a.subset or 1000
+        a.test_images = 1000
         a.sparse_epochs, a.quant_epochs, a.mnist_train_epochs, a.mnist_epochs = 1.0, 0.25, 0.2, 0.2
         a.timing_rounds = 2
     name = "learners_quick" if a.quick else "learners"
@@ -247,7 +250,8 @@ def main(argv=None) -> int:
     # (a) VGG-small on Fashion-MNIST: the baseline's own recipe for fine-tuning (SGD + Nesterov
     # momentum, cosine decay, 2-px shift + flip augmentation) and the original model as teacher
     vgg = load_keras_file(VGG)
-    fm = load_dataset({"name": "fashion_mnist", "limit_train": a.subset, "val_split": 0.0, "augment": True})
+    fm = load_dataset({"name": "fashion_mnist", "limit_train": a.subset, "limit_test": a.test_images, "val_split": 0.0,
+                       "augment": True})
     base = M.accuracy(vgg, fm.x_test, fm.y_test)
     fblob = to_tflite(vgg)
     fgz = M.gzip_size(fblob)
@@ -308,7 +312,7 @@ def main(argv=None) -> int:
 
     # (b) seed CNN on full MNIST
     mn = load_dataset({"name": "npz", "path": str(MNIST), "val_split": 0.0,
-                       "limit_train": 6000 if a.quick else None})
+                       "limit_train": 2000 if a.quick else None, "limit_test": a.test_images})
     keras.utils.set_random_seed(0)
     seed = build_model("seed_cnn", mn.input_shape, mn.num_classes)
     Trainer(seed, mn, {"epochs": a.mnist_train_epochs, "batch_size": 128, "optimizer": "adam",
@@ -369,7 +373,7 @@ Machine: {cpu_name()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, Kera
 The machine is shared with other engineers' TensorFlow jobs; load average (1/5/15 min) at start
 {load_start}, before the timing part {load_c}, at the end {load_avg(" / ")}.
 
-{"**Smoke run (`--quick`)**: 2,000 training images and a handful of steps per learner, to check that the suite runs; its accuracies say nothing about the goals." if a.quick else ""}
+{"**Smoke run (`--quick`)**: 1,000 (VGG) / 2,000 (MNIST) training images, 1,000 test images and a handful of steps per learner, to check that the suite runs; its accuracies say nothing about the goals." if a.quick else ""}
 
 ## Goals
 
@@ -377,7 +381,7 @@ The machine is shared with other engineers' TensorFlow jobs; load average (1/5/1
 |---|---:|:---:|
 """ + "\n".join(f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in checks) + f"""
 
-## (a) VGG-small, Fashion-MNIST test split (10,000 images)
+## (a) VGG-small, Fashion-MNIST test split ({len(fm.y_test):,} images)
 
 Pretrained `{VGG.name}` (reference accuracy {VGG_BASELINE}, measured here {base:.4f}). Fine-tuning
 over {len(fm.x_train):,} training images with the baseline's own recipe: batch 128, SGD with

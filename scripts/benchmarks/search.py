@@ -35,14 +35,15 @@ def _args():
     p.add_argument("--model", choices=list(MODELS), default="resnet20")
     p.add_argument("--optimizers", nargs="+", default=["gp", "tpe", "random"])
     p.add_argument("--quick", action="store_true",
-                   help="smoke version (3 trials of 10 steps, 2,000 images): page search_quick")
-    p.add_argument("--trials", type=int, default=None, help="trials per optimizer (default 20; --quick 3)")
+                   help="smoke version (2 trials of 5 steps, 1,000 images, 1,000 test images): page search_quick")
+    p.add_argument("--trials", type=int, default=None, help="trials per optimizer (default 20; --quick 2)")
     p.add_argument("--trial-steps", type=int, default=None,
-                   help="fine-tuning steps (batch 128) per trial (default 20; --quick 10)")
+                   help="fine-tuning steps (batch 128) per trial (default 20; --quick 5)")
     p.add_argument("--subset", type=int, default=None,
-                   help="training images (the first N), 20%% held out for validation (default 10000; --quick 2000)")
+                   help="training images (the first N), 20%% held out for validation (default 10000; --quick 1000)")
     p.add_argument("--final-epochs", type=float, default=None,
                    help="final fine-tuning epochs over the subset (default 2; --quick 0.2)")
+    p.add_argument("--test-images", type=int, default=None, help="test images (default all 10000; --quick 1000)")
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate (cosine) for trials and final fine-tune")
     p.add_argument("--criterion", default="reconstruction", choices=("l1", "l2", "reconstruction", "discrimination"),
                    help="reconstruction starts every trial from a usable network, so short trials rank points")
@@ -56,7 +57,8 @@ def _args():
     p.add_argument("--name", default=None, help="page name under docs/benchmarks/ (default search, --quick search_quick)")
     a = p.parse_args()
     full = {"trials": 20, "trial_steps": 20, "subset": 10000, "final_epochs": 2.0, "name": "search"}
-    quick = {"trials": 3, "trial_steps": 10, "subset": 2000, "final_epochs": 0.2, "name": "search_quick"}
+    quick = {"trials": 2, "trial_steps": 5, "subset": 1000, "final_epochs": 0.2, "test_images": 1000,
+             "name": "search_quick"}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -66,7 +68,8 @@ def _args():
 def config(a, name: str, optimizer: str) -> dict:
     return {
         "name": name, "seed": 0,
-        "data": {"name": "fashion_mnist", "val_split": 0.2, "limit_train": a.subset, "augment": True},
+        "data": {"name": "fashion_mnist", "val_split": 0.2, "limit_train": a.subset,
+                 "limit_test": a.test_images, "augment": True},
         "model": {"name": str(MODELS[a.model])},
         "learner": {"name": "channel_pruning", "criterion": a.criterion,
                     "calibration_images": a.calibration,
@@ -160,7 +163,8 @@ def main() -> int:
         f"{a.target:g}x FLOPs, every point projected onto it before training.",
         "",
         f"Data: the first {a.subset:,} Fashion-MNIST training images, 20% held out as the validation split the "
-        f"search scores on; test accuracy on the 10,000 test images. Trials: {a.trials} per optimizer, each "
+        f"search scores on; test accuracy on the {a.test_images or 10000:,} test images. Trials: {a.trials} per "
+        f"optimizer, each "
         f"{a.criterion} channel selection ({a.calibration} calibration images) + {a.trial_steps} SGD steps "
         f"(batch 128, cosine from {a.lr:g}, momentum 0.9, shift/flip augmentation), scored on the validation "
         f"split; no pruner. Final fine-tuning, identical for every row: {a.final_epochs:g} epochs over the "

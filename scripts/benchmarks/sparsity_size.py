@@ -33,7 +33,8 @@ def main(argv=None):
     started = time.time()
     if a.quick:
         a.levels, a.epochs, a.ft_epochs, a.reps = "0.5,0.9", 1, 1, 1
-    data = load_dataset({"name": "fashion_mnist", "val_split": 0.1, "limit_train": 6000 if a.quick else None})
+    data = load_dataset({"name": "fashion_mnist", "val_split": 0.1, "limit_train": 3000 if a.quick else None,
+                         "limit_test": 2000 if a.quick else None})
     levels = [float(v) for v in a.levels.split(",")]
     # the TFMOT peer's schedule and optimizer: PolynomialDecay 0 -> s from step 0 to 80% of the
     # fine-tuning, a mask update every end // 20 steps, Adam 1e-3 constant
