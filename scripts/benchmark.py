@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke version (small data, few steps)")
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="passed on to the suite script")
     a = ap.parse_args(argv)
+    if "--quick" in a.rest:  # `all --quick`: REMAINDER swallows flags after the suite name
+        a.quick = True
+        a.rest = [r for r in a.rest if r != "--quick"]
     names = list(SUITES) if a.suite == "all" else [a.suite]
     failed = []
     for name in names:

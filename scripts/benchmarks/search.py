@@ -35,10 +35,11 @@ def _args():
     p.add_argument("--model", choices=list(MODELS), default="resnet20")
     p.add_argument("--optimizers", nargs="+", default=["gp", "tpe", "random"])
     p.add_argument("--quick", action="store_true",
-                   help="smoke version (2 trials of 5 steps, 1,000 images, 1,000 test images): page search_quick")
+                   help="smoke version (2 trials of 3 steps, 1,000 images, 64 calibration and 1,000 test images): "
+                        "page search_quick")
     p.add_argument("--trials", type=int, default=None, help="trials per optimizer (default 20; --quick 2)")
     p.add_argument("--trial-steps", type=int, default=None,
-                   help="fine-tuning steps (batch 128) per trial (default 20; --quick 5)")
+                   help="fine-tuning steps (batch 128) per trial (default 20; --quick 3)")
     p.add_argument("--subset", type=int, default=None,
                    help="training images (the first N), 20%% held out for validation (default 10000; --quick 1000)")
     p.add_argument("--final-epochs", type=float, default=None,
@@ -47,7 +48,8 @@ def _args():
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate (cosine) for trials and final fine-tune")
     p.add_argument("--criterion", default="reconstruction", choices=("l1", "l2", "reconstruction", "discrimination"),
                    help="reconstruction starts every trial from a usable network, so short trials rank points")
-    p.add_argument("--calibration", type=int, default=256, help="images for reconstruction/discrimination")
+    p.add_argument("--calibration", type=int, default=None,
+                   help="images for reconstruction/discrimination (default 256; --quick 64)")
     p.add_argument("--target", type=float, default=2.0, help="FLOPs ratio")
     p.add_argument("--output", default=None, help="run directories (default: a temporary directory)")
     p.add_argument("--collect", nargs="+", default=None, metavar="DIR",
@@ -56,9 +58,10 @@ def _args():
     p.add_argument("--note", default=None, help="a paragraph added to the page (e.g. how --collect runs were made)")
     p.add_argument("--name", default=None, help="page name under docs/benchmarks/ (default search, --quick search_quick)")
     a = p.parse_args()
-    full = {"trials": 20, "trial_steps": 20, "subset": 10000, "final_epochs": 2.0, "name": "search"}
-    quick = {"trials": 2, "trial_steps": 5, "subset": 1000, "final_epochs": 0.2, "test_images": 1000,
-             "name": "search_quick"}
+    full = {"trials": 20, "trial_steps": 20, "subset": 10000, "final_epochs": 2.0, "calibration": 256,
+            "name": "search"}
+    quick = {"trials": 2, "trial_steps": 3, "subset": 1000, "final_epochs": 0.1, "calibration": 64,
+             "test_images": 1000, "name": "search_quick"}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
