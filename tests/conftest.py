@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,16 @@ def user_layer_module(directory: Path, module: str):
     finally:
         sys.path.remove(str(directory))
 
+
+def wait_for(pred, timeout=240, what="condition"):
+    """Poll `pred` until it returns something truthy (exceptions count as not yet)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            got = pred()
+        except Exception:  # the database may not exist yet, or is being created
+            got = None
+        if got:
+            return got
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")

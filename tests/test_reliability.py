@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL_NPZ, run_cli
+from conftest import ROOT, SMALL_NPZ, run_cli, wait_for
 
 optuna = pytest.importorskip("optuna")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -135,6 +135,18 @@ def _four_workers(seed_model, tmp_path, storage: str, name: str):
             [sys.executable, "-m", "pocketflow", "run", str(cfg), "--output", str(tmp_path / f"w{i}")],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
     try:
+        # all four start at once (the schema-creation race); the first to run a trial is held until
+        # another has one, or on a loaded machine it may finish the budget while the rest import TF
+        pid = lambda t: t.user_attrs.get("worker", {}).get("pid")  # noqa: E731
+        trials = lambda: optuna.load_study(study_name=name, storage=storage).get_trials()  # noqa: E731
+        first = wait_for(lambda: next((pid(t) for t in trials() if pid(t)), None), timeout=600,
+                         what="a first trial")
+        os.kill(first, signal.SIGSTOP)
+        try:
+            wait_for(lambda: any(pid(t) not in (None, first) for t in trials()), timeout=600,
+                     what="a second worker's trial")
+        finally:
+            os.kill(first, signal.SIGCONT)
         for i, p in enumerate(procs):
             assert p.wait(timeout=900) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
     finally:

@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SMALL_NPZ, run_cli
+from conftest import ROOT, SMALL_NPZ, run_cli, wait_for
 
 optuna = pytest.importorskip("optuna")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -152,19 +151,6 @@ def popen(*args, log: Path) -> subprocess.Popen:
     f = open(log, "w")
     return subprocess.Popen([sys.executable, "-m", "pocketflow", *map(str, args)], cwd=ROOT,
                             stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ))
-
-
-def wait_for(pred, timeout=240, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            got = pred()
-        except Exception:  # the database may not exist yet, or is being created
-            got = None
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_workers_share_the_budget(seed_model, tmp_path):
