@@ -2,10 +2,11 @@
 
 Why non-uniform: weights are bell-shaped, so 2^b shared values placed by k-means fit them
 better than a uniform b-bit grid at the same index cost. Each kernel gets a `Codebook`
-transform: centroids initialised by 1-D k-means (from a linear start) or at quantiles, weights
-tied to their centroid in the forward pass, each centroid trained with the sum of its weights'
-gradients, and weights re-assigned to the nearest centroid every `refresh_every` steps (the
-kernel keeps a straight-through gradient so it can drift across cluster borders).
+transform: centroids initialised by 1-D k-means (from a linear start), evenly spaced (`linear`)
+or at quantiles, weights tied to their centroid in the forward pass, each centroid trained with
+the sum of its weights' gradients, and weights re-assigned to the nearest centroid every
+`refresh_every` steps (the kernel keeps a straight-through gradient so it can drift across
+cluster borders).
 
 With `keep_zero` (default), a layer that arrives already pruned keeps its zeros on a fixed,
 untrainable zero code, so sparsity survives and the layer still has <= 2^bits distinct values.

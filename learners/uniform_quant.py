@@ -7,8 +7,10 @@ goes away; a ReLU/ReLU6 that follows alone is fused into the conv's activation s
 ranges are observed where TFLite quantizes them). Then every kernel gets a `FakeQuant`
 (scale = max|w| / (2^(b-1) - 1) per output channel, the narrow symmetric range TFLite uses for
 int8, straight-through gradient) and every wrapped layer's output an 8-bit `ActivationQuant`
-with EMA min/max. At 8 bits the converter's own per-channel int8 quantization reproduces the
-trained weights exactly, so the int8 TFLite model tracks the QAT model.
+with EMA min/max. At 8 bits the converter's own int8 quantization reproduces the trained weights
+exactly, so the int8 TFLite model tracks the QAT model. `weight_scales: auto` uses one scale per
+tensor instead on top of a codebook (the layer keeps its <= 2^bits values, which gzip well, and
+the int8 export, seeing a per-tensor grid, converts that layer per tensor: see pocketflow.export).
 
 Below 8 bits TFLite cannot hold the codes; the export adds the packed file (`wrappers.write_packed`,
 codes bit-packed + a float32 scale per output channel: exactly ceil(b * n / 8) + 4 * channels
@@ -24,9 +26,9 @@ import numpy as np
 from pocketflow.config import Field
 from pocketflow.learners.base import register
 from pocketflow.learners.wrappers import (COMMON_PARAMS, Codebook, FakeQuant, TransformLearner,
-                                          calibrate_activations, check_cloneable, clone_graph, clone_layer, is_depthwise,
-                                          is_kernel_layer, kernel_variable, num_channels,
-                                          per_layer_field, wrappers)
+                                          activation_quants, calibrate_activations, check_cloneable, clone_graph,
+                                          clone_layer, is_depthwise, is_kernel_layer, kernel_variable,
+                                          num_channels, per_layer_field, sole_consumers)
 
 
 def _bits_2_8(v):
@@ -69,48 +71,17 @@ def _bn_foldable(layer) -> bool:
 
 def fold_plan(model, fuse_activations: bool = True) -> list[tuple]:
     """(kernel layer, BatchNorm or None, fused activation layer or None, activation name) for
-    every kernel layer whose output feeds only a BatchNorm (and/or a lone ReLU)."""
-    from keras.src.models.functional import Functional
+    every top-level kernel layer whose output feeds only a BatchNorm (and/or a lone ReLU)."""
+    nxt = sole_consumers(model)
     plan = []
-    if isinstance(model, keras.Sequential):
-        ls = model.layers
-        for i, layer in enumerate(ls):
-            if not (is_kernel_layer(layer) and _is_linear(layer)):
-                continue
-            j, bn = i + 1, None
-            if j < len(ls) and _bn_foldable(ls[j]):
-                bn, j = ls[j], j + 1
-            act = ls[j] if fuse_activations and j < len(ls) and _fusable_activation(ls[j]) else None
-            if bn is not None or act is not None:
-                plan.append((layer, bn, act, _fusable_activation(act) if act else None))
-        return plan
-    if not isinstance(model, Functional):
-        return plan
-    nodes = [n for d in model._nodes_by_depth.values() for n in d if n.operation is not None and not n.is_input]
-    uses, calls = {}, {}
-    for n in nodes:
-        calls[id(n.operation)] = calls.get(id(n.operation), 0) + 1
-        for t in n.input_tensors:
-            uses.setdefault(id(t), []).append(n)
-    outputs = {id(t) for t in model.outputs}
-
-    def sole_consumer(node):
-        outs = node.output_tensors
-        if len(outs) != 1 or id(outs[0]) in outputs:
-            return None
-        consumers = uses.get(id(outs[0]), [])
-        return consumers[0] if len(consumers) == 1 and calls[id(consumers[0].operation)] == 1 else None
-
-    for n in nodes:
-        layer = n.operation
-        if not (is_kernel_layer(layer) and _is_linear(layer) and calls[id(layer)] == 1):
+    for layer in model.layers:
+        if not (is_kernel_layer(layer) and _is_linear(layer)):
             continue
-        nxt, bn, act = sole_consumer(n), None, None
-        if nxt is not None and _bn_foldable(nxt.operation):
-            bn = nxt.operation
-            nxt = sole_consumer(nxt)
-        if fuse_activations and nxt is not None and _fusable_activation(nxt.operation):
-            act = nxt.operation
+        after, bn, act = nxt.get(layer.name), None, None
+        if after is not None and _bn_foldable(after):
+            bn, after = after, nxt.get(after.name)
+        if fuse_activations and after is not None and _fusable_activation(after):
+            act = after
         if bn is not None or act is not None:
             plan.append((layer, bn, act, _fusable_activation(act) if act else None))
     return plan
@@ -190,6 +161,9 @@ class UniformQuant(TransformLearner):
         "activation_bits": Field(int, 8, choices=(8, 32), help="8: fake-quantize layer outputs; 32: float"),
         "fold_batchnorm": Field(bool, True, help="fold BatchNorm into the preceding kernel before QAT"),
         "ema_decay": Field(float, 0.99, check=_decay, help="activation range EMA decay"),
+        "weight_scales": Field(str, "auto", choices=("auto", "per_channel", "per_tensor"),
+                               help="weight scale per output channel or per tensor (auto: per tensor on "
+                                    "a codebook, which keeps its <= 2^bits values, else per channel)"),
         **COMMON_PARAMS,
     }
 
@@ -226,17 +200,19 @@ class UniformQuant(TransformLearner):
         return n
 
     def make_transforms(self, name, layer, value, existing):
-        # on top of a codebook, one scale per tensor keeps the layer at <= 2^bits distinct values
-        per_channel = not any(isinstance(t, Codebook) for t in existing)
+        # on top of a codebook, one scale per tensor keeps the layer at <= 2^bits distinct values;
+        # the int8 export reads the layout back from the weights (pocketflow.export.choose_weight_scales)
+        scales = self.cfg.get("weight_scales", "auto")
+        per_channel = (not any(isinstance(t, Codebook) for t in existing) if scales == "auto"
+                       else scales == "per_channel")
         return [FakeQuant(value, per_channel, depthwise=is_depthwise(layer), name=f"{name}_quant")]
 
     def output_bits(self, name, value):
         return None if self.cfg.get("activation_bits", 8) == 32 else int(self.cfg.get("activation_bits", 8))
 
     def before_training(self, wrapped, data):
-        for w in wrappers(wrapped):
-            if w.act_quant is not None:
-                w.act_quant.decay = float(self.cfg.get("ema_decay", 0.99))
+        for q in activation_quants(wrapped):
+            q.decay = float(self.cfg.get("ema_decay", 0.99))
         calibrate_activations(wrapped, data.representative(256, seed=self.seed))
 
     def describe(self, rep, value):

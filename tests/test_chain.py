@@ -71,6 +71,31 @@ def test_chain_int8_tflite_close_to_qat_and_keeps_zeros(chained, small_data):
         assert np.all(t[ks[name] == 0] == 0), name
 
 
+def test_chain_int8_export_holds_the_trained_codebook_values(chained, small_data):
+    """Codebook + per-tensor QAT: the int8 file stores each layer's <= 2^bits trained values on one
+    scale (what the export picks from the weights), not a per-channel re-quantization of them."""
+    from test_export import int8_kernels
+    from test_learners_quant_sparsity import int8_blob_matching_qat
+
+    from pocketflow.export import choose_weight_scales, to_tflite
+    learner, comp = chained
+    assert all(not w.transforms[-1].per_channel for w in wrappers(comp.model))  # auto: per tensor on codebooks
+    assert choose_weight_scales(comp.deploy) == "per_tensor"
+    blob = int8_blob_matching_qat(comp, small_data)  # the default export, within 0.5 pt of the QAT model
+    per_channel = to_tflite(comp.deploy, "int8", small_data.representative(), weight_scales="per_channel")
+    ks, spread = int8_kernels(blob), int8_kernels(per_channel)
+    for name, k in kernels(comp.deploy).items():
+        shape = k.shape[::-1] if k.ndim == 2 else (k.shape[3], *k.shape[:3])
+        codes, scales = ks[shape]
+        assert len(np.unique(scales)) == 1 and len(np.unique(codes)) <= 2 ** 3, name
+        back = codes * scales[0]
+        back = back.T if k.ndim == 2 else np.transpose(back, (1, 2, 3, 0))
+        np.testing.assert_allclose(back, k, rtol=0, atol=1e-6 * np.abs(k).max())
+        assert np.array_equal(back == 0, k == 0)
+    assert max(len(np.unique(c)) for c, _ in spread.values()) > 2 ** 3
+    assert M.gzip_size(blob) < M.gzip_size(per_channel)
+
+
 def test_chain_size_is_that_of_the_final_representation(chained, trained_seed_cnn, tmp_path):
     learner, comp = chained
     # sparse layout (bitmap or CSR) + 3-bit codebook indexes of the nonzeros + 8 float32 entries

@@ -36,3 +36,95 @@ def test_dynamic_range_export(trained_seed_cnn, small_data, tmp_path):
     res = export_model(trained_seed_cnn, tmp_path, ("tflite",), "dynamic", small_data)
     assert res["files"]["tflite_dynamic"]["bytes"] < 0.5 * res["files"]["tflite"]["bytes"]
     json.dumps(res)  # serialisable for metrics.json
+
+
+# -- int8 weight scales -------------------------------------------------------------------------
+
+def int8_kernels(blob: bytes) -> dict:
+    """{shape: (int8 codes, scales)} of the int8 weight tensors (ndim >= 2) of a TFLite model."""
+    it = M.tflite_interpreter(blob)
+    it.allocate_tensors()
+    out = {}
+    for d in it.get_tensor_details():
+        if d["dtype"] == np.int8 and len(d["shape"]) >= 2 and d["shape"][0] != 1:
+            try:
+                codes = it.get_tensor(d["index"])
+            except ValueError:
+                continue
+            out[tuple(int(s) for s in d["shape"])] = (codes, np.asarray(d["quantization_parameters"]["scales"]))
+    return out
+
+
+def on_grids(model, levels: int = 8):
+    """A copy of `model` whose Dense kernel holds `levels` values on ONE symmetric int8 grid (what
+    uniform_quant trains on top of a codebook) and whose conv kernel is on a per-channel int8 grid."""
+    import keras
+    m = keras.models.clone_model(model)
+    m.set_weights(model.get_weights())
+    conv, dense = m.get_layer("conv"), m.get_layer("logits")
+    k = conv.kernel.numpy()
+    s = np.abs(k).max(axis=(0, 1, 2), keepdims=True) / 127
+    conv.kernel.assign(np.round(k / s) * s)
+    d = dense.kernel.numpy()
+    codes = np.round(np.linspace(-127, 127, levels))
+    s = np.abs(d).max() / 127
+    d = codes[np.argmin(np.abs(d[..., None] / s - codes), axis=-1)] * s
+    dense.kernel.assign(d.astype(np.float32))
+    return m
+
+
+def test_int8_weight_scales_follow_the_trained_grids(trained_seed_cnn, small_data):
+    from pocketflow.export import choose_weight_scales
+    m = on_grids(trained_seed_cnn)
+    assert choose_weight_scales(trained_seed_cnn) == "per_channel"  # a float model: as before
+    assert choose_weight_scales(m) == "per_tensor_dense"
+    rep = small_data.representative()
+    auto, per_channel = to_tflite(m, "int8", rep), to_tflite(m, "int8", rep, weight_scales="per_channel")
+    dense_k, conv_k = m.get_layer("logits").kernel.numpy(), m.get_layer("conv").kernel.numpy()
+    ks = int8_kernels(auto)
+    codes, scales = ks[dense_k.shape[::-1]]
+    # the 8 trained values on one scale (the converter may store it once per channel)
+    assert len(np.unique(scales)) == 1 and len(np.unique(codes)) <= 8
+    np.testing.assert_allclose(codes.T * scales[0], dense_k, rtol=0, atol=1e-6 * np.abs(dense_k).max())
+    codes, scales = ks[(12, 3, 3, 1)]
+    assert len(np.unique(scales)) == 12  # the conv keeps its per-channel grid, exactly
+    np.testing.assert_allclose(np.transpose(codes * scales[:, None, None, None], (1, 2, 3, 0)), conv_k,
+                               rtol=0, atol=1e-6 * np.abs(conv_k).max())
+    # per channel, the converter re-quantizes the 8 values channel by channel: more codes, bigger gzip
+    codes, scales = int8_kernels(per_channel)[dense_k.shape[::-1]]
+    assert len(np.unique(scales)) > 1 and len(np.unique(codes)) > 8
+    assert M.gzip_size(auto) < M.gzip_size(per_channel)
+    # and the TFLite model computes what Keras does
+    keras_acc = M.accuracy(m, small_data.x_test, small_data.y_test)
+    assert abs(M.tflite_accuracy(auto, small_data.x_test, small_data.y_test) - keras_acc) <= 0.01
+    # every layer on a per-tensor grid: all per tensor
+    m.get_layer("conv").kernel.assign(np.round(conv_k / (np.abs(conv_k).max() / 127)) * (np.abs(conv_k).max() / 127))
+    assert choose_weight_scales(m) == "per_tensor"
+    assert {len(np.unique(v[1])) for v in int8_kernels(to_tflite(m, "int8", rep)).values()} == {1}
+
+
+def test_export_model_records_weight_scales_and_rejects_unknown(trained_seed_cnn, small_data, tmp_path):
+    import pytest
+
+    from pocketflow.errors import PocketFlowError
+    res = export_model(on_grids(trained_seed_cnn), tmp_path, ("tflite",), "int8", small_data, verify=False)
+    assert res["files"]["tflite_int8"]["weight_scales"] == "per_tensor_dense"
+    res = export_model(trained_seed_cnn, tmp_path, ("tflite",), "int8", small_data, verify=False,
+                       weight_scales="per_tensor")
+    assert res["files"]["tflite_int8"]["weight_scales"] == "per_tensor"
+    with pytest.raises(PocketFlowError, match="weight_scales"):
+        to_tflite(trained_seed_cnn, "int8", small_data.representative(), weight_scales="per_row")
+
+
+def test_on_tensor_grid():
+    from pocketflow.export import on_tensor_grid
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 10)).astype(np.float32)
+    assert not on_tensor_grid(w)  # float weights
+    for b in (8, 4, 2):
+        qmax = 2 ** (b - 1) - 1
+        s = np.abs(w).max() / qmax
+        assert on_tensor_grid(np.round(w / s) * s), b  # a per-tensor grid of b <= 8 bits
+    s = np.abs(w).max(axis=0) / 127
+    assert not on_tensor_grid(np.round(w / s) * s)  # a per-channel grid is not a per-tensor one
+    assert on_tensor_grid(np.zeros((3, 3)))

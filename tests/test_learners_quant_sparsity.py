@@ -330,6 +330,19 @@ def test_codebook_keeps_prior_zeros_and_centroid_gradient(trained_seed_cnn):
     np.testing.assert_allclose(g_c.numpy(), want, rtol=1e-4, atol=1e-6)
 
 
+def test_uniform_weight_scales_per_tensor_is_exported_per_tensor(uniform, trained_seed_cnn, small_data):
+    from pocketflow.export import choose_weight_scales
+    assert choose_weight_scales(uniform[8][1].deploy) == "per_channel"  # default: per-channel grids
+    learner = make("uniform_quant", bits=8, weight_scales="per_tensor")
+    comp = learner.compress(trained_seed_cnn, learner.default_params(trained_seed_cnn), small_data, Budget(epochs=0))
+    assert all(not t.per_channel for w in wrappers(comp.model) for t in w.transforms)
+    assert choose_weight_scales(comp.deploy) == "per_tensor"
+    blob = to_tflite(comp.deploy, "int8", small_data.representative())
+    ks = kernels(comp.deploy)
+    for name, t in tflite_kernels(blob, ks).items():  # the trained per-tensor grid, exactly
+        assert np.max(np.abs(t - ks[name])) <= 1e-5 * np.abs(ks[name]).max(), name
+
+
 # -- wrappers on other graphs -------------------------------------------------------------------
 
 def test_wrap_and_strip_residual_depthwise_nested_graph(tmp_path):
