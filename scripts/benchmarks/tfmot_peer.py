@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ def main(argv=None):
     ap.add_argument("--mode", choices=("blog", "sparsity"), default="blog",
                     help="blog: the TF blog table; sparsity: prune_low_magnitude at --levels, ± int8")
     ap.add_argument("--levels", default="0.5,0.75,0.9,0.95")
+    ap.add_argument("--save-dir", default=None, help="also write every row's TFLite file here")
     a = ap.parse_args(argv)
 
     import tensorflow as tf
@@ -73,6 +75,11 @@ def main(argv=None):
 
     def row(name, m, quant):
         blob = tflite(m, quant)
+        if a.save_dir:
+            os.makedirs(a.save_dir, exist_ok=True)
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+            with open(os.path.join(a.save_dir, f"{slug}.tflite"), "wb") as f:
+                f.write(blob)
         r = {"name": name, "keras_accuracy": acc(m), "tflite_accuracy": tflite_accuracy(blob, xte, yte),
              "tflite_bytes": len(blob), "tflite_gzip_bytes": gzip_size(blob),
              "latency_ms_b1": tflite_latency(blob, (28, 28), 1), "latency_ms_b32": tflite_latency(blob, (28, 28), 32)}
