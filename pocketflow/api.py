@@ -194,7 +194,7 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
         staging = Path(tempfile.mkdtemp(dir=ctx.run_dir, prefix=".best."))
         exp = cfg["export"]
         files = export_model(comp.deploy, staging, exp["formats"], exp["quantize"] or getattr(
-            learner, "export_quantize", None), ctx.data, exp["verify"])
+            learner, "export_quantize", None), ctx.data, exp["verify"], weight_scales=exp["weight_scales"])
         if hasattr(learner, "export_extra"):
             files["files"].update(learner.export_extra(comp, staging))
         for entry in files["files"].values():  # paths as they will be after the swap

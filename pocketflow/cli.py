@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", action="append", choices=("keras", "saved_model", "tflite"),
                    help="repeatable (default: tflite)")
     x.add_argument("--quantize", choices=("int8", "dynamic", "float16"))
+    x.add_argument("--weight-scales", default="auto", choices=("auto", "per_channel", "per_tensor", "per_tensor_dense"),
+                   help="int8 weight scales (auto: per tensor where the weights sit on one grid)")
     x.add_argument("--data", default=None, help="dataset for int8 calibration and verification")
     x.add_argument("--output", default=None, help="directory (default: next to the model)")
     x.add_argument("--unsafe-load", action="store_true")
@@ -115,7 +117,7 @@ def _cmd_export(args):
     if args.quantize == "int8" and data is None:
         raise PocketFlowError("--quantize int8 needs --data (calibration images from its training split)")
     res = export_model(model, Path(args.output or src.parent), tuple(args.format or ("tflite",)),
-                       args.quantize, data, verify=data is not None, stem=src.stem)
+                       args.quantize, data, verify=data is not None, stem=src.stem, weight_scales=args.weight_scales)
     for k, v in res["files"].items():
         extra = f", {v['bytes']:,} bytes" if "bytes" in v else ""
         acc = f", test accuracy {v['test_accuracy']:.4f}" if "test_accuracy" in v else ""

@@ -132,6 +132,8 @@ SCHEMA: dict[str, Field] = {
         "formats": Field(list, ["keras", "tflite"]),
         "quantize": Field((str, type(None)), None, choices=(None, "int8", "dynamic", "float16")),
         "verify": Field(bool, True, help="run the TFLite model and compare with Keras"),
+        "weight_scales": Field(str, "auto", choices=("auto", "per_channel", "per_tensor", "per_tensor_dense"),
+                               help="int8 weight scales; auto: per tensor where the trained weights sit on one grid"),
     }),
     "output": Field(schema={
         "dir": Field(str, "runs"),

@@ -47,6 +47,8 @@ CONFIG_CASES = {
                           ["40x is out of reach", "uniform_quant", "maximum"]),
     "bad learner hyperparameter": (SMALL + "learner: {name: weight_sparsity, sparsity: 1.2}\n", (),
                                    ["sparsity", "1.2"]),
+    "unknown int8 weight scales": (SMALL + "export: {weight_scales: per_row}\n", (),
+                                   ["'export.weight_scales'", "'per_row'", "per_tensor"]),
 }
 
 

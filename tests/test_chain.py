@@ -199,6 +199,7 @@ def test_chain_runs_from_yaml(tmp_path):
     metrics = json.loads((best / "metrics.json").read_text())
     assert {"tflite", "tflite_int8", "packed"} <= set(metrics["exports"])
     assert abs(metrics["exports"]["tflite_int8"]["test_accuracy"] - metrics["test_accuracy"]) <= 0.01
+    assert metrics["exports"]["tflite_int8"]["weight_scales"] == "per_tensor"  # export.weight_scales: auto
     for name, k in kernels(keras.saving.load_model(best / "model.keras", compile=False)).items():
         assert abs(int(np.sum(k == 0)) - math.ceil(0.7 * k.size)) <= 1, name
         assert len(np.unique(k)) <= 16, name
