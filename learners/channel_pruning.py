@@ -4,6 +4,13 @@ dense model that is faster everywhere (no sparse kernels needed).
 The channel groups and the surgery come from `learners.graph`. One preserve ratio per prunable
 group is the search space (`ratio/<group>`); FLOPs and params of a point are computed
 analytically from the channel counts, latency is measured on TFLite (cached per channel counts).
+
+On a FLOPs or params target the projection is latency-aware (`latency_aware`, default on): the
+counts that meet the target are re-rounded, each group within `exchange_range` of its projected
+ratio, to the ones a per-layer latency table (`learners.latency_table`: every conv measured on
+its own on this machine at the counts it may take, cached on disk) predicts to be fastest per
+MAC kept. Same target, same search space; fewer of the saved FLOPs are ones XNNPACK cannot turn
+into time (docs/benchmarks/channel_pruning.md).
 Which channels a group keeps is decided by the `criterion`:
 
 - `l1`, `l2`: norm of each producer's filter, summed over the group's producers.
@@ -41,6 +48,12 @@ def _range(v):
     ok = (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
           and 0 < v[0] <= v[1] <= 1)
     return None if ok else "must be [low, high] with 0 < low <= high <= 1"
+
+
+def _settings(v):
+    ok = len(v) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in p) for p in v)
+    return None if ok else "must be a non-empty list of [batch, threads] pairs of positive integers"
 
 
 def allowed_counts(size: int, multiple: int = 1, tile: int = 0) -> np.ndarray:
@@ -96,6 +109,15 @@ class ChannelPruning(Learner):
         "channel_tile": Field(int, 32, check=non_negative,
                               help="counts above half this are kept at multiples of it (XNNPACK's output "
                                    "tiles; 0 = off): see allowed_counts"),
+        "latency_aware": Field(bool, True,
+                               help="flops/params targets: among channel counts that meet the target, move "
+                                    "pruning to where a per-layer latency table measured on this machine says "
+                                    "it buys latency (see _exchange)"),
+        "exchange_range": Field(float, 0.25, check=non_negative,
+                                help="how far (in preserve ratio) the latency-aware exchange may move a group "
+                                     "from the projected point (0 = off)"),
+        "latency_settings": Field(list, [[1, 1], [32, 1]], check=_settings,
+                                  help="[batch, threads] pairs the latency table is measured at (their mean counts)"),
         "calibration_images": Field(int, 512, check=positive,
                                     help="training images for reconstruction / discrimination"),
         "aux_heads": Field(int, 3, check=non_negative,
@@ -106,6 +128,7 @@ class ChannelPruning(Learner):
         super().__init__(cfg, seed)
         self._graphs: dict = {}   # id(model) -> (model, ChannelGraph)
         self._latency: dict = {}  # (id(model), channel counts) -> ms
+        self._tables: dict = {}   # id(model) -> (model, LatencyTable)
 
     # -- analysis ---------------------------------------------------------------------------------
     def graph(self, model) -> ChannelGraph:
@@ -186,11 +209,13 @@ class ChannelPruning(Learner):
             above = [v for k, v in params.items() if k.startswith(_PREFIX) and v > lo]
             params = (self.scale(params, (1 - lo) / (min(above) - lo)) if above else
                       {k: (1.0 if k.startswith(_PREFIX) else v) for k, v in params.items()})
-        out = super().project(model, params, metric, ratio, tol)
+        out = center = super().project(model, params, metric, ratio, tol)
         if metric == "latency":
             out = self._top_up_latency(model, out, ratio)
         else:
             out = self._top_up(model, out, metric, ratio)
+            if self.cfg["latency_aware"] and self.cfg["exchange_range"] > 0:
+                out = self._top_up(model, self._exchange(model, out, center, metric, ratio), metric, ratio)
         return {k: (min(1.0, v) if k.startswith(_PREFIX) else v) for k, v in out.items()}
 
     def _top_up(self, model, params: dict, metric: str, ratio: float, tol: float = 0.01) -> dict:
@@ -224,6 +249,146 @@ class ChannelPruning(Learner):
             if best is None:
                 return counts
             counts = best[1]
+
+    # -- latency-aware projection ---------------------------------------------------------------
+    def latency_table(self, model):
+        """The per-layer latency table of `model` on this machine (measured once, cached on disk)."""
+        hit = self._tables.get(id(model))
+        if hit is None or hit[0] is not model:
+            from pocketflow.learners.latency_table import LatencyTable
+            g = self.graph(model)
+            hit = self._tables[id(model)] = (model, LatencyTable(model, g, self._side_counts(g),
+                                                                 self.cfg["latency_settings"]))
+        return hit[1]
+
+    def _side_counts(self, g: ChannelGraph):
+        """layout -> the kept-position counts a layer's input or output can take here."""
+        m, t, lo = self.cfg["channel_multiple"], self.cfg["channel_tile"], float(self.cfg["ratio_range"][0])
+
+        def side(lay):
+            ids = [int(i) for i in np.unique(lay.group)]
+            movable = [i for i in ids if i >= 0 and g.groups[i].prunable]
+            if not movable:
+                return [len(lay)]
+            if len(ids) == 1:
+                gr, rep = g.groups[ids[0]], len(lay) // g.groups[ids[0]].size
+                ok = allowed_counts(gr.size, m, t)
+                return [int(rep * c) for c in ok if c >= min(ok[-1], lo * gr.size - 1e-9)]
+            return sorted({int(round(len(lay) * f)) for f in np.linspace(lo, 1.0, 9)} | {len(lay)})
+        return side
+
+    def _floor(self, gr) -> int:
+        ok = allowed_counts(gr.size, self.cfg["channel_multiple"], self.cfg["channel_tile"])
+        lo = float(self.cfg["ratio_range"][0]) * gr.size
+        return int(ok[ok >= lo - 1e-9][0]) if (ok >= lo - 1e-9).any() else int(ok[-1])
+
+    def _exchange(self, model, params: dict, center: dict, metric: str, ratio: float, slack: float = 0.05,
+                  max_counts: int = 9) -> dict:
+        """Re-round the projected point so the latency table predicts less time per MAC kept.
+
+        Pruning a channel saves the same MACs wherever it is, but not the same time: below
+        XNNPACK's output tile a producer costs the same at 12 channels as at 16, a 28x28 layer
+        costs more per MAC than a 7x7 one, while readers' cost falls with every input channel.
+        Each group may take any allowed count within `exchange_range` (in preserve ratio) of its
+        ratio on the projection's line (`center`), never below the ratio_range floor. Local
+        search: set one group to another count, then restore the target greedily (most predicted
+        latency per MAC removed first, or least added back), score by predicted latency / MACs
+        kept (the latency-to-FLOPs speedup ratio), keep the best while it improves by 0.2%.
+        """
+        g = self.graph(model)
+        table = self.latency_table(model)
+        raw, base = (g.macs, g.base_macs) if metric == "flops" else (g.params, g.base_params)
+        memo: dict = {}
+
+        def cost(c):
+            key = tuple(sorted(c.items()))
+            if key not in memo:
+                memo[key] = raw(c)
+            return memo[key]
+        m, t, w = self.cfg["channel_multiple"], self.cfg["channel_tile"], float(self.cfg["exchange_range"])
+        lo = float(self.cfg["ratio_range"][0])
+        groups = g.prunable
+        region = {}
+        for gr in groups:
+            ok = allowed_counts(gr.size, m, t)
+            r = min(1.0, float(center.get(_PREFIX + gr.name, 1.0)))
+            ok = ok[ok >= min(lo * gr.size - 1e-9, ok[-1])]
+            inside = (ok >= (r - w) * gr.size - 1e-9) & (ok <= (r + w) * gr.size + 1e-9)
+            above, below = np.flatnonzero(ok >= r * gr.size - 1e-9), np.flatnonzero(ok <= r * gr.size + 1e-9)
+            for i in (above[:1], below[-1:]):  # the grid neighbours of r are always in
+                inside[i] = True
+            reg = ok[inside]
+            if len(reg) > max_counts:  # fine grids (channel_tile 0): evenly spread counts, neighbours kept
+                keep = set(np.linspace(0, len(reg) - 1, max_counts).round().astype(int).tolist())
+                keep |= {int(i) for i in np.flatnonzero(np.isin(reg, ok[np.concatenate([above[:1], below[-1:]])]))}
+                reg = reg[sorted(keep)]
+            region[gr.id] = reg
+        start = self._counts(g, params)
+        counts = {gr.id: int(region[gr.id][np.argmin(np.abs(region[gr.id] - start[gr.id]))]) for gr in groups}
+
+        def meets(c):
+            return cost(c) * ratio <= base
+
+        def score(c):
+            return table.cost(c) * base / max(1, cost(c))
+
+        def step(c, gid, d):
+            reg = region[gid]
+            i = int(np.searchsorted(reg, c[gid])) + d
+            return int(reg[i]) if 0 <= i < len(reg) and reg[i] != c[gid] else None
+
+        def repair(c, fixed):
+            """Greedy: steps down until the target holds, then steps up while it still holds."""
+            while not meets(c):
+                best = None
+                for gr in groups:
+                    down = None if gr.id == fixed else step(c, gr.id, -1)
+                    if down is not None:
+                        trial = {**c, gr.id: down}
+                        gain = (table.cost(c) - table.cost(trial)) / max(1, cost(c) - cost(trial))
+                        if best is None or gain > best[0]:
+                            best = (gain, trial)
+                if best is None:
+                    return None
+                c = best[1]
+            while base / max(1, cost(c)) > ratio * (1 + slack / 5):
+                best = None
+                for gr in groups:
+                    up = None if gr.id == fixed else step(c, gr.id, +1)
+                    if up is not None:
+                        trial = {**c, gr.id: up}
+                        if meets(trial):
+                            price = (table.cost(trial) - table.cost(c)) / max(1, cost(trial) - cost(c))
+                            if best is None or price < best[0]:
+                                best = (price, trial)
+                if best is None:
+                    break
+                c = best[1]
+            return c if base / max(1, cost(c)) <= ratio * (1 + slack) else None
+
+        counts = repair(counts, None) or start
+        if not meets(counts) or score(start) <= score(counts):
+            counts = start
+        best_s = score(counts)
+        for _ in range(2 * len(groups)):
+            best = None
+            for gr in groups:
+                for k in region[gr.id]:
+                    if k == counts[gr.id]:
+                        continue
+                    trial = repair({**counts, gr.id: int(k)}, gr.id)
+                    if trial is not None and meets(trial):
+                        sc = score(trial)
+                        if best is None or sc < best[0]:
+                            best = (sc, trial)
+            if best is None or best[0] >= best_s * (1 - 2e-3):
+                break
+            best_s, counts = best
+        out = {k: v for k, v in params.items() if not k.startswith(_COUNT)}
+        out.update({_PREFIX + gr.name: counts[gr.id] / gr.size for gr in groups})
+        out.update({_COUNT + gr.name: counts[gr.id] for gr in groups
+                    if channels(counts[gr.id] / gr.size, gr.size, m, t) != counts[gr.id]})
+        return out
 
     def _top_up_latency(self, model, params: dict, ratio: float, budget: int = 16) -> dict:
         """Channel counts jump (tiles), so the measured latency along `scale` jumps too and the

@@ -1,18 +1,20 @@
 """Benchmark: the pretrained ResNet-20 (Fashion-MNIST) pruned to 2x fewer FLOPs, per criterion.
 
     python scripts/benchmarks/channel_pruning.py            # docs/benchmarks/channel_pruning.{md,json,png}
-    python scripts/benchmarks/channel_pruning.py --quick    # ~3 min smoke run: channel_pruning_quick.*
+    python scripts/benchmarks/channel_pruning.py --quick    # < 2 min smoke run: channel_pruning_quick.*
 
 1. Why latency follows FLOPs or not: TFLite (XNNPACK) time of one 3x3 conv against its number of
    output and input channels, on this machine.
-2. Architectures at the FLOPs target, projected by the learner from uniform preserve ratios with
-   its default channel counts (`channel_tile` 32) and without tiles (`channel_tile` 0, any
-   count; and multiples of 8), plus one projected on a measured-latency target.
+2. Architectures at the FLOPs target, projected by the learner from uniform preserve ratios: its
+   default (`channel_tile` 32 counts re-rounded by the per-layer latency table, `latency_aware`),
+   the same counts rounded for FLOPs only (`latency_aware: false`, the previous default), any
+   count and multiples of 8; plus one projected on a measured-latency target.
 3. For the default architecture, each criterion (l1, reconstruction, discrimination) selects the
    channels; test accuracy before and after fine-tuning (SGD Nesterov + cosine, as the original
    was trained, with distillation from the original).
 4. TFLite latency of the original and of every architecture at batch 1 and 32, 1 and 2 threads,
-   in interleaved rounds (the machine is shared: best round, load average recorded).
+   in interleaved rounds (the machine is shared: fastest invoke, medians beside, load average
+   recorded), and the TFLite op counts of every graph (surgery must not add ops).
 """
 from __future__ import annotations
 
@@ -32,12 +34,19 @@ sys.path.insert(0, str(ROOT))
 from common import cpu_name, load_avg  # noqa: E402
 MODEL = ROOT.parent / "shared" / "models" / "resnet20_fashion_mnist.keras"
 
-# name -> (learner keys, description); every architecture is projected from uniform ratios
+# name -> (learner keys, description); every architecture is projected from uniform ratios.
+# The first is the learner's default and the one every criterion is fine-tuned on.
 ARCHS = {
-    "tile-32": ({"channel_tile": 32}, "learner default: counts <= 16 any, above that multiples of 32"),
-    "any-count": ({"channel_tile": 0}, "any channel count (the first version of this benchmark)"),
-    "multiple-8": ({"channel_tile": 0, "channel_multiple": 8}, "multiples of 8, no tile rule"),
+    "latency-aware": ({}, "learner default: `channel_tile` 32 counts, re-rounded by the per-layer latency "
+                          "table measured on this machine (`latency_aware`, `exchange_range` 0.25)"),
+    "tile-32": ({"latency_aware": False}, "counts <= 16 any, above that multiples of 32, rounded for FLOPs only "
+                                          "(the previous default)"),
+    "any-count": ({"channel_tile": 0, "latency_aware": False}, "any channel count (the first version of this "
+                                                               "benchmark)"),
+    "multiple-8": ({"channel_tile": 0, "channel_multiple": 8, "latency_aware": False},
+                   "multiples of 8, no tile rule"),
 }
+DEFAULT = next(iter(ARCHS))
 
 
 def _args():
@@ -50,17 +59,25 @@ def _args():
     p.add_argument("--epochs", type=float, default=1.5, help="fine-tuning epochs over --subset images")
     p.add_argument("--subset", type=int, default=60000, help="training images used for fine-tuning")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--test-subset", type=int, default=0,
+                   help="seeded subset of the test images for the accuracies (0 = all 10 000)")
     p.add_argument("--calibration", type=int, default=512, help="images for reconstruction / discrimination")
     p.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds (best is kept)")
     p.add_argument("--no-distill", dest="distill", action="store_false",
                    help="fine-tune on labels only (default: also distil from the original model)")
+    p.add_argument("--archs", nargs="+", choices=list(ARCHS), default=None,
+                   help=f"architectures to compare (default all; always includes {DEFAULT})")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 2000 images, 0.25 epoch, 2 latency rounds; writes channel_pruning_quick.*")
+                   help="smoke run: 2000 training / 2000 test images, 0.25 epoch, 2 latency rounds, two "
+                        "architectures, a shorter conv sweep; writes channel_pruning_quick.*")
     p.add_argument("--name", default=None, help="page name under docs/benchmarks (default channel_pruning[_quick])")
     a = p.parse_args()
     if a.quick:
         a.subset, a.epochs, a.calibration, a.rounds = min(a.subset, 2000), min(a.epochs, 0.25), 128, 2
+        a.test_subset = a.test_subset or 2000
+        a.archs = a.archs or [DEFAULT, "tile-32"]
         a.latency_target = 0.0  # the bisection converts a dozen models: minutes
+    a.archs = [DEFAULT] + [n for n in (a.archs or ARCHS) if n != DEFAULT]
     a.name = a.name or ("channel_pruning_quick" if a.quick else "channel_pruning")
     return a
 
@@ -107,7 +124,15 @@ def _latencies(blobs: dict, shape, rounds: int) -> tuple[dict, dict]:
     return fast, med
 
 
-def _conv_sweep(rounds: int) -> list[dict]:
+def _ops(blob: bytes) -> dict:
+    """TFLite op name -> how many times it occurs in the graph."""
+    from collections import Counter
+
+    from pocketflow.metrics import tflite_interpreter
+    return dict(sorted(Counter(d["op_name"] for d in tflite_interpreter(blob)._get_ops_details()).items()))
+
+
+def _conv_sweep(rounds: int, short: bool = False) -> list[dict]:
     """One 3x3 'same' conv + ReLU at batch 32, 1 thread: ms against output / input channels."""
     import keras
     import numpy as np
@@ -115,8 +140,9 @@ def _conv_sweep(rounds: int) -> list[dict]:
     from pocketflow.export import to_tflite
     from pocketflow.metrics import TFLiteRunner
     L = keras.layers
-    cases = [("out", 14, 32, c) for c in (8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64)]
-    cases += [("in", 14, c, 32) for c in (8, 16, 24, 32, 48, 64)]
+    cases = [("out", 14, 32, c) for c in ((8, 16, 20, 32, 40, 64) if short else (8, 12, 16, 20, 24, 28, 32, 40, 48,
+                                                                                 56, 64))]
+    cases += [("in", 14, c, 32) for c in ((16, 32, 64) if short else (8, 16, 24, 32, 48, 64))]
     blobs = {}
     for side, hw, cin, cout in cases:
         i = keras.Input((hw, hw, cin))
@@ -158,6 +184,9 @@ def main() -> int:
     data = load_dataset({"name": "fashion_mnist", "val_split": 0.0})
     idx = np.sort(np.random.default_rng(0).permutation(len(data.x_train))[:a.subset])
     ft_data = dataclasses.replace(data, x_train=data.x_train[idx], y_train=data.y_train[idx], augment=True)
+    if a.test_subset:
+        it = np.sort(np.random.default_rng(1).permutation(len(data.x_test))[:a.test_subset])
+        data = dataclasses.replace(data, x_test=data.x_test[it], y_test=data.y_test[it])
     base_acc = M.accuracy(model, data.x_test, data.y_test)
     shape = tuple(model.input_shape[1:])
     print(f"original: test accuracy {base_acc:.4f}, {M.count_macs(model):,} MACs", flush=True)
@@ -173,9 +202,15 @@ def main() -> int:
 
     # -- architectures: projection of uniform ratios onto the target -----------------------------------
     archs = {}  # name -> dict(params, counts, flops, learner keys)
-    for name, (keys, _) in ARCHS.items():
+    for name in a.archs:
+        keys = ARCHS[name][0]
         lr = make("l1", **keys)
         g = lr.graph(model)
+        t_table = 0.0
+        if lr.cfg["latency_aware"]:  # measured once per machine, then read from the cache
+            t0 = time.perf_counter()
+            lr.latency_table(model)
+            t_table = time.perf_counter() - t0
         t0 = time.perf_counter()
         p = lr.project(model, {f"ratio/{gr.name}": 1.0 for gr in g.prunable}, "flops", a.target)
         counts = lr._counts(g, p)
@@ -183,7 +218,7 @@ def main() -> int:
                        "channels": {gr.name: [counts[gr.id], gr.size] for gr in g.prunable},
                        "groups": {gr.name: gr.producers for gr in g.prunable},
                        "model": g.prune(model, {gid: np.arange(k) for gid, k in counts.items()}),
-                       "project_s": time.perf_counter() - t0}
+                       "project_s": time.perf_counter() - t0, "table_s": t_table}
         print(f"{name}: {archs[name]['flops']:.3f}x FLOPs, channels "
               f"{[c[0] for c in archs[name]['channels'].values()]}", flush=True)
     if a.latency_target:
@@ -205,7 +240,7 @@ def main() -> int:
 
     # -- accuracy: every criterion on the default architecture ----------------------------------------
     rows = []
-    default = archs["tile-32"]
+    default = archs[DEFAULT]
     for crit in a.criteria:
         lr = make(crit, **default["keys"])
         t0 = time.perf_counter()
@@ -226,8 +261,9 @@ def main() -> int:
                      "tflite_after": acc_tfl, "select_s": t_select, "fine_tune_s": t_ft})
 
     # -- latency ---------------------------------------------------------------------------------------
-    sweep = _conv_sweep(a.rounds)
+    sweep = _conv_sweep(a.rounds, short=a.quick)
     blobs = {"original": to_tflite(model), **{k: to_tflite(v["model"]) for k, v in archs.items()}}
+    ops = {k: _ops(b) for k, b in blobs.items()}
     load_lat = load_avg()
     lat, lat_med = _latencies(blobs, shape, a.rounds)
     wall = time.perf_counter() - t_start
@@ -236,7 +272,7 @@ def main() -> int:
            "load_average": {"start": load_before, "latency": load_lat, "end": load_avg()}, "wall_s": wall,
            "model": str(a.model), "base_accuracy": base_acc, "base_macs": M.count_macs(model),
            "base_params": M.count_params(model), "args": {k: v for k, v in vars(a).items()},
-           "accuracy": rows, "conv_sweep": sweep,
+           "accuracy": rows, "conv_sweep": sweep, "test_images": len(data.x_test), "tflite_ops": ops,
            "archs": {k: {kk: vv for kk, vv in v.items() if kk != "model"} | {"macs": M.count_macs(v["model"]),
                                                                           "params_count": M.count_params(v["model"])}
                      for k, v in archs.items()},
@@ -302,7 +338,8 @@ def _report(a, res: dict) -> str:
         f"rounds, {res['load_average']['end']} at end)",
         f"- wall time: {res['wall_s'] / 60:.1f} min",
         f"- model: `{Path(a.model).name}` ({res['base_params']:,} params, {res['base_macs']:,} MACs), "
-        f"test accuracy {base:.4f} on the 10 000 test images",
+        f"test accuracy {base:.4f} on {'the' if res['test_images'] == 10000 else 'a seeded subset of'} "
+        f"{res['test_images']:,} test images",
         f"- fine-tuning: {a.epochs:g} epochs on {'all' if n_ft == 60000 else 'a seeded subset of'} {n_ft:,} "
         f"training images, SGD (Nesterov momentum 0.9), cosine learning rate from {a.lr:g}, batch 128, random "
         "2-pixel shift + flip (as the original was trained), L2 1e-4 on convs (kept from the model), "
@@ -311,7 +348,7 @@ def _report(a, res: dict) -> str:
         "",
         f"![latency]({a.name}.png)",
         "",
-        "## Accuracy (10 000 test images), architecture `tile-32`",
+        f"## Accuracy ({res['test_images']:,} test images), architecture `{DEFAULT}`",
         "",
         "| criterion | FLOPs ratio | before fine-tuning | after fine-tuning | vs original | TFLite after "
         "| selection time | fine-tuning time |",
@@ -330,14 +367,20 @@ def _report(a, res: dict) -> str:
                                                f"(predicted {ar.get('predicted_latency', 0):.2f}x at batch 1, "
                                                "1 thread), "
                                                "learner defaults")
+        table = f" (latency table {ar['table_s']:.1f} s before that)" if ar.get("table_s") else ""
         out.append(f"- `{n}`: {desc}; {ar['flops']:.3f}x FLOPs, {ar['params_count']:,} params, "
-                   f"projected in {ar['project_s']:.1f} s")
+                   f"projected in {ar['project_s']:.1f} s{table}")
     out += ["", "| group (first producer) | producers | " + " | ".join(arch_names) + " |",
             "|---|---|" + "---|" * len(arch_names)]
     first = res["archs"][arch_names[0]]
     for g in first["channels"]:
         cells = [f"{k} / {n} ({k / n:.2f})" for k, n in (res["archs"][s]["channels"][g] for s in arch_names)]
         out.append(f"| {g} | {', '.join(first['groups'][g])} | " + " | ".join(cells) + " |")
+    same = [n for n in arch_names if res["tflite_ops"][n] == res["tflite_ops"]["original"]]
+    orig_ops = ", ".join(f"{k} x{v}" for k, v in res["tflite_ops"]["original"].items())
+    out += ["", f"TFLite graph after surgery: {len(same)} of {len(arch_names)} architectures have exactly the "
+            f"original's ops ({orig_ops})" + ("" if len(same) == len(arch_names) else "; differ: " + ", ".join(
+                f"`{n}` {res['tflite_ops'][n]}" for n in arch_names if n not in same)) + "."]
     out += ["", "## TFLite latency (float32, XNNPACK)", "",
             f"ms per invoke, {a.rounds} interleaved rounds (all models take turns in each round; per round 50 "
             "invokes at batch 1, 8 at batch 32). `fastest`: the fastest invoke (other jobs can only slow an "
@@ -362,7 +405,16 @@ def _report(a, res: dict) -> str:
     for r in res["conv_sweep"]:
         out.append(f"| {r['vary']} | {r['cin']} | {r['cout']} | {r['ms']:.3f} | {r['ns_per_kmac']:.1f} |")
     out += ["", f"Goals: reconstruction within 1.0 pt of {base:.4f} after fine-tuning; latency speedup "
-            f">= 0.8x the FLOPs speedup (>= {0.8 * a.target:.2f}x at {a.target:g}x).", ""]
+            f">= 0.8x the FLOPs speedup (>= {0.8 * a.target:.2f}x at {a.target:g}x)."]
+    fs = res["archs"][DEFAULT]["flops"]
+    ratios = {k: lat["original"][k] / lat[DEFAULT][k] / fs for k in lat["original"]}
+    miss = [f"{k} ({v:.2f})" for k, v in ratios.items() if v < 0.8]
+    rec = [r for r in res["accuracy"] if r["criterion"] == "reconstruction"]
+    out += ["", f"Measured here for `{DEFAULT}` ({fs:.3f}x FLOPs): latency / FLOPs speedup "
+            + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+            + (f" (below 0.8: {', '.join(miss)})" if miss else " (all >= 0.8)")
+            + (f"; reconstruction {100 * (rec[0]['after'] - base):+.2f} pt after fine-tuning" if rec else "")
+            + ".", ""]
     return "\n".join(out)
 
 

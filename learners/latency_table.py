@@ -1,0 +1,209 @@
+"""Per-layer latency lookup table for channel pruning (NetAdapt, Yang et al. 2018, section 3.2).
+
+Every Conv2D / Dense / SeparableConv2D of the model is rebuilt on its own at its input
+resolution with narrower inputs or outputs, converted to TFLite and timed on this machine with
+the same interpreter the exported model runs on (XNNPACK), at the batch sizes and thread counts
+asked for. A layer's latency at (c_in, c_out) kept channels is predicted as
+
+    t(c_in, c_out) = t_out(c_out) * t_in(c_in) / t(C_in, C_out)
+
+with t_out measured at every channel count the learner may keep on the output side (the full
+input) and t_in on the input side (the full output), interpolated between measured counts: on
+XNNPACK the output-channel cost is a staircase (register tiles) and the input-channel cost close
+to linear (docs/benchmarks/channel_pruning.md), and the product keeps both. The model's
+predicted latency is the sum over its layers; what the table leaves out (element-wise ops,
+pooling) is left out of every candidate alike, so it ranks architectures, it does not replace
+the measured `latency` target.
+
+Timings are the fastest of a few invokes (other jobs on a shared machine can only slow an
+invoke down) and are cached in a JSON file keyed by machine, TensorFlow version and layer
+signature, so a model's table is measured once per machine (about a minute for ResNet-20).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pocketflow.learners.graph import PRODUCER, SEPARABLE, ChannelGraph
+
+
+def default_cache() -> Path:
+    root = os.environ.get("POCKETFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pocketflow")
+    return Path(root) / "latency_table.json"
+
+
+def _machine() -> str:
+    import tensorflow as tf
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} | {os.cpu_count()} cpus | tf {tf.__version__}"
+
+
+def _thin(counts, keep_every: int = 4) -> list[int]:
+    """Counts to measure: every `keep_every`-th small count, all the rest (tile steps), both ends."""
+    counts = sorted(set(int(c) for c in counts))
+    if len(counts) <= 6:
+        return counts
+    small = [c for c in counts if c % keep_every == 0 or c == counts[0]]
+    big = [c for c in counts if c > 16]
+    return sorted(set(small + big + [counts[0], counts[-1]]))
+
+
+class LatencyTable:
+    """Measured per-layer latencies of one model's producers, and predictions from them."""
+
+    def __init__(self, model, graph: ChannelGraph, side_counts, settings=((1, 1), (32, 1)),
+                 cache: Path | str | None = None, invokes: int = 12):
+        """`side_counts(layout)` -> the channel counts of a layer's input or output to measure
+        (kept positions of that layout, ascending, ending with the full width)."""
+        self.graph, self.settings = graph, [tuple(int(v) for v in s) for s in settings]
+        self.invokes = invokes
+        self.cache = Path(cache) if cache else default_cache()
+        self.layers: dict[str, dict] = {}  # name -> {"sig", "in": [...], "out": [...], "full_in", "full_out"}
+        for name in graph.order:
+            if graph.kinds[name] not in (PRODUCER, SEPARABLE):
+                continue
+            layer = model.get_layer(name)
+            if type(layer).__name__ not in ("Conv2D", "Dense", "SeparableConv2D"):
+                continue
+            lin, lout = graph.lay_in.get(name), graph.lay_out.get(name)
+            if lin is None or lout is None:
+                continue
+            cfg = {k: v for k, v in layer.get_config().items()
+                   if k in ("kernel_size", "strides", "padding", "dilation_rate", "depth_multiplier", "use_bias")}
+            spatial = tuple(int(d) for d in layer.input.shape[1:-1])
+            self.layers[name] = {"cls": type(layer).__name__, "cfg": cfg, "spatial": spatial,
+                                 "full_in": len(lin), "full_out": len(lout),
+                                 "in": _thin(side_counts(lin)), "out": _thin(side_counts(lout))}
+        self._t: dict[str, dict] = {}  # key -> {setting: ms}
+        self._memo: dict = {}
+        self._curve: dict = {}
+        self._full: list = []
+        self._fill()
+
+    # -- measurement --------------------------------------------------------------------------------
+    def _key(self, spec: dict, cin: int, cout: int) -> str:
+        return json.dumps([spec["cls"], spec["cfg"], spec["spatial"], cin, cout], sort_keys=True)
+
+    def _wanted(self) -> list[tuple[str, dict, int, int]]:
+        out = []
+        for spec in self.layers.values():
+            for c in spec["out"]:
+                out.append((self._key(spec, spec["full_in"], c), spec, spec["full_in"], c))
+            for c in spec["in"]:
+                out.append((self._key(spec, c, spec["full_out"]), spec, c, spec["full_out"]))
+        return list({k: (k, s, i, o) for k, s, i, o in out}.values())
+
+    def _fill(self) -> None:
+        from pocketflow.distributed import world
+        w = world()
+        table = None
+        if w.is_root:
+            machine = _machine()
+            disk = {}
+            try:
+                disk = json.loads(self.cache.read_text())
+            except (OSError, ValueError):
+                pass
+            mine = disk.setdefault(machine, {})
+            names = [f"b{b}_t{t}" for b, t in self.settings]
+            todo = [(k, s, i, o) for k, s, i, o in self._wanted() if any(n not in mine.get(k, {}) for n in names)]
+            if todo:
+                t0 = time.perf_counter()
+                for k, spec, cin, cout in todo:
+                    try:
+                        mine[k] = {**mine.get(k, {}), **self._measure(spec, cin, cout)}
+                    except Exception:  # noqa: BLE001  a layer TFLite cannot take on its own: left out below
+                        continue
+                print(f"channel_pruning: measured {len(todo)} layer shapes for the latency table in "
+                      f"{time.perf_counter() - t0:.0f}s ({self.cache})", flush=True)
+                try:
+                    self.cache.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = self.cache.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(disk))
+                    tmp.replace(self.cache)
+                except OSError:
+                    pass
+            table = {k: mine[k] for k, *_ in self._wanted() if k in mine}
+        self._t = w.broadcast_object(table) if w.distributed else table
+        for name, spec in list(self.layers.items()):  # drop layers with a missing measurement
+            if any(self._key(spec, spec["full_in"], c) not in self._t for c in spec["out"]) or any(
+                    self._key(spec, c, spec["full_out"]) not in self._t for c in spec["in"]):
+                del self.layers[name]
+
+    def _measure(self, spec: dict, cin: int, cout: int) -> dict:
+        import keras
+
+        from pocketflow import metrics as M
+        from pocketflow.export import to_tflite
+        L = keras.layers
+        cfg = dict(spec["cfg"])
+        if spec["cls"] == "Dense":
+            inp = keras.Input((cin,))
+            layer = L.Dense(cout, use_bias=cfg.get("use_bias", True))
+        else:
+            inp = keras.Input((*spec["spatial"], cin))
+            layer = getattr(L, spec["cls"])(cout, **cfg)
+        blob = to_tflite(keras.Model(inp, layer(inp)))
+        out = {}
+        for batch, threads in self.settings:
+            run = M.TFLiteRunner(blob, threads=threads, batch=batch)
+            x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)
+            run(x)
+            n = self.invokes if batch == 1 else max(3, self.invokes // 3)
+            best = float("inf")
+            for _ in range(n):
+                t0 = time.perf_counter()
+                run(x)
+                best = min(best, (time.perf_counter() - t0) * 1e3)
+            out[f"b{batch}_t{threads}"] = best
+        return out
+
+    # -- prediction ---------------------------------------------------------------------------------
+    def _curves(self, name: str, setting: tuple):
+        """(t_out over 0..C_out, t_in over 0..C_in, t at full width), interpolated once."""
+        key = (name, setting)
+        hit = self._curve.get(key)
+        if hit is None:
+            spec, s = self.layers[name], f"b{setting[0]}_t{setting[1]}"
+            fi, fo = spec["full_in"], spec["full_out"]
+            full = max(self._t[self._key(spec, fi, fo)][s], 1e-9)
+            t_out = np.interp(np.arange(fo + 1), spec["out"], [self._t[self._key(spec, fi, c)][s] for c in spec["out"]])
+            t_in = np.interp(np.arange(fi + 1), spec["in"], [self._t[self._key(spec, c, fo)][s] for c in spec["in"]])
+            hit = self._curve[key] = (t_out, t_in / full, full)
+        return hit
+
+    def layer_ms(self, name: str, cin: int, cout: int, setting: tuple) -> float:
+        t_out, t_in, _ = self._curves(name, setting)
+        return float(t_out[cout] * t_in[cin])
+
+    def _widths(self, counts: dict) -> list[tuple[str, int, int]]:
+        g = self.graph
+        return [(name, g._kept(g.lay_in[name], counts)[0], g._kept(g.lay_out[name], counts)[0]) for name in self.layers]
+
+    def model_ms(self, counts: dict, setting: tuple, widths=None) -> float:
+        """Predicted latency (ms, producers only) with `counts[group]` channels kept."""
+        return sum(self.layer_ms(n, i, o, setting) for n, i, o in (widths or self._widths(counts)))
+
+    def cost(self, counts: dict) -> float:
+        """Mean over the settings of the predicted latency relative to the unpruned model."""
+        key = tuple(sorted(counts.items()))
+        hit = self._memo.get(key)
+        if hit is None:
+            if not self._full:
+                self._full = [max(self.model_ms({}, s), 1e-9) for s in self.settings]
+            widths = self._widths(counts)
+            hit = self._memo[key] = float(np.mean([self.model_ms(counts, s, widths) / f
+                                                   for s, f in zip(self.settings, self._full)]))
+        return hit

@@ -1,0 +1,131 @@
+"""Channel pruning's latency-aware projection: the per-layer latency table and the exchange."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import learner_cfg
+
+keras = pytest.importorskip("keras")
+
+from pocketflow.errors import ConfigError  # noqa: E402
+from pocketflow.export import to_tflite  # noqa: E402
+from pocketflow.learners import LEARNERS  # noqa: E402
+from pocketflow.learners.channel_pruning import allowed_counts  # noqa: E402
+from pocketflow.metrics import TFLiteRunner, tflite_interpreter  # noqa: E402
+from pocketflow.zoo import build_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    keras.utils.set_random_seed(0)
+    return build_model("resnet20", (28, 28, 1), 10)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+    path = tmp_path_factory.mktemp("latency") / "latency_table.json"
+    old = os.environ.get("POCKETFLOW_CACHE")
+    os.environ["POCKETFLOW_CACHE"] = str(path.parent)
+    yield path
+    if old is None:
+        os.environ.pop("POCKETFLOW_CACHE")
+    else:
+        os.environ["POCKETFLOW_CACHE"] = old
+
+
+def learner(**kw):
+    return LEARNERS.get("channel_pruning")(learner_cfg("channel_pruning", ratio_range=[0.1, 1.0], **kw))
+
+
+def test_table_is_measured_once_cached_and_reproduces_its_measurements(resnet, cache, capsys):
+    lr = learner()
+    table = lr.latency_table(resnet)
+    assert "measured" in capsys.readouterr().out and cache.exists()
+    disk = json.loads(cache.read_text())
+    (machine, entries), = disk.items()
+    assert len(entries) == len(table._t) and all(set(v) == {"b1_t1", "b32_t1"} for v in entries.values())
+    # every Conv2D/Dense of the model is in the table; the s1 convs share one signature
+    names = [n for n in lr.graph(resnet).order if type(resnet.get_layer(n)).__name__ in ("Conv2D", "Dense")]
+    assert list(table.layers) == names
+    sig = {table._key(table.layers[n], 16, 16) for n in ("s1b1_conv1", "s1b2_conv2", "s1b3_conv1")}
+    assert len(sig) == 1
+    for setting in table.settings:
+        s = f"b{setting[0]}_t{setting[1]}"
+        full = sum(entries[table._key(sp, sp["full_in"], sp["full_out"])][s] for sp in table.layers.values())
+        assert table.model_ms({}, setting) == pytest.approx(full, rel=1e-9)
+        spec = table.layers["s3b2_conv1"]  # 64 -> 64 at 7x7: measured output counts are predicted exactly
+        for c in spec["out"]:
+            assert table.layer_ms("s3b2_conv1", 64, c, setting) == pytest.approx(entries[table._key(spec, 64, c)][s])
+        assert spec["out"][-3:] == [16, 32, 64] and spec["in"][-3:] == [16, 32, 64]
+    # a second learner reads the cache: nothing measured, the same predictions
+    again = learner().latency_table(resnet)
+    assert "measured" not in capsys.readouterr().out
+    half = {gr.id: gr.size // 2 for gr in lr.graph(resnet).prunable}
+    assert again.cost(half) == table.cost(half) < 1.0
+
+
+def test_latency_aware_projection_meets_the_target_with_less_predicted_latency(resnet, cache):
+    aware, plain, off = learner(), learner(latency_aware=False), learner(exchange_range=0.0)
+    g = aware.graph(resnet)
+    start = {f"ratio/{gr.name}": 1.0 for gr in g.prunable}
+    p_aware = aware.project(resnet, start, "flops", 2.0)
+    p_plain = plain.project(resnet, start, "flops", 2.0)
+    assert off.project(resnet, start, "flops", 2.0) == p_plain
+    table = aware.latency_table(resnet)
+    eff = {}
+    for name, lr, p in (("aware", aware, p_aware), ("plain", plain, p_plain)):
+        r = lr.predict_ratio(resnet, p, "flops")
+        assert 2.0 <= r <= 2.02
+        counts = lr._counts(g, p)
+        for gr in g.prunable:  # on the tile grid, never below the ratio_range floor
+            assert counts[gr.id] in allowed_counts(gr.size, 1, 32) and counts[gr.id] >= 0.1 * gr.size
+        eff[name] = table.cost(counts) * r  # predicted latency / FLOPs kept: lower is better
+    assert eff["aware"] < 0.95 * eff["plain"], eff
+    # the search's points stay distinct: another start projects elsewhere, also on target
+    rng = np.random.default_rng(0)
+    other = aware.project(resnet, {k: float(rng.uniform(0.3, 1.0)) for k in start}, "flops", 2.0)
+    assert 2.0 <= aware.predict_ratio(resnet, other, "flops") <= 2.02
+    p3 = aware.project(resnet, start, "params", 3.0)
+    assert 3.0 <= aware.predict_ratio(resnet, p3, "params") <= 3.03
+
+
+def _fastest(blobs: dict, rounds: int = 5, batch: int = 32) -> dict:
+    x = np.random.default_rng(0).random((batch, 28, 28, 1), dtype=np.float32)
+    runners = {k: TFLiteRunner(b, threads=1, batch=batch) for k, b in blobs.items()}
+    best = {k: float("inf") for k in blobs}
+    for _ in range(rounds):  # interleaved: load from other jobs hits every model alike
+        for k, r in runners.items():
+            r(x)
+            for _ in range(5):
+                t0 = time.perf_counter()
+                r(x)
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def test_latency_aware_architecture_is_measurably_faster_and_adds_no_ops(resnet, cache):
+    g = learner().graph(resnet)
+    start = {f"ratio/{gr.name}": 1.0 for gr in g.prunable}
+    blobs = {}
+    for name, lr in (("aware", learner()), ("plain", learner(latency_aware=False))):
+        counts = lr._counts(g, lr.project(resnet, start, "flops", 2.0))
+        blobs[name] = to_tflite(g.prune(resnet, {gid: np.arange(k) for gid, k in counts.items()}))
+    blobs["original"] = to_tflite(resnet)
+
+    def ops(blob):
+        return sorted(d["op_name"] for d in tflite_interpreter(blob)._get_ops_details())
+    assert ops(blobs["aware"]) == ops(blobs["plain"]) == ops(blobs["original"])  # surgery adds no op
+    t = _fastest(blobs)
+    assert t["aware"] < t["plain"] < t["original"], t
+
+
+def test_latency_settings_are_validated():
+    with pytest.raises(ConfigError, match="latency_settings"):
+        learner_cfg("channel_pruning", latency_settings=[[1]])
+    with pytest.raises(ConfigError, match="exchange_range"):
+        learner_cfg("channel_pruning", exchange_range=-0.1)
