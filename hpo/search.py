@@ -265,6 +265,7 @@ class Search:
         self.metric, self.ratio = ctx.target["metric"], ctx.target["ratio"]
         self.optimizer_name = self.cfg["optimizer"]
         self.space, self.fixed = build_space(self.learner, self.model, self.cfg)
+        self.learner.prepare_search(self.model, self.metric)  # one-off, before the search clock
         self.study = self.storage = self.optimizer = None
         self.trial = None  # rank 0: the trial being run
         self.budget = int(self.cfg["trials"])

@@ -72,6 +72,10 @@ class Learner(abc.ABC):
         """The point used without a search (uniform settings from the config)."""
         return {}
 
+    def prepare_search(self, model, metric: str) -> None:
+        """One-off set-up a search needs before its first trial (e.g. a measurement cached per
+        machine), so it is not charged to the first trial. Default: nothing."""
+
     def predict_ratio(self, model, params: dict, metric: str) -> float:
         """The ratio `params` will give for `metric`, computed before any training."""
         raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'")

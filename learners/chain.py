@@ -124,6 +124,10 @@ class Chain(Learner):
     def default_params(self, model) -> dict:
         return {f"{n}/{k}": v for n, step in self.steps for k, v in step.default_params(model).items()}
 
+    def prepare_search(self, model, metric: str) -> None:
+        if self.steps:  # the first step sees the original model (channel pruning comes first)
+            self.steps[0][1].prepare_search(model, metric)
+
     def split(self, params: dict) -> dict[str, dict]:
         """{'weight_sparsity/sparsity/conv': .8} -> {'weight_sparsity': {'sparsity/conv': .8}, ...}."""
         out = {n: {} for n, _ in self.steps}

@@ -251,6 +251,11 @@ class ChannelPruning(Learner):
             counts = best[1]
 
     # -- latency-aware projection ---------------------------------------------------------------
+    def prepare_search(self, model, metric: str) -> None:
+        """Build (or load) the latency table once, before the first trial's projection."""
+        if metric in ("flops", "params") and self.cfg["latency_aware"] and self.cfg["exchange_range"] > 0:
+            self.latency_table(model)
+
     def latency_table(self, model):
         """The per-layer latency table of `model` on this machine (measured once, cached on disk)."""
         hit = self._tables.get(id(model))

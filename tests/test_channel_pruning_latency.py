@@ -129,3 +129,17 @@ def test_latency_settings_are_validated():
         learner_cfg("channel_pruning", latency_settings=[[1]])
     with pytest.raises(ConfigError, match="exchange_range"):
         learner_cfg("channel_pruning", exchange_range=-0.1)
+
+
+def test_prepare_search_builds_the_table_before_the_first_projection(resnet, cache):
+    """The search calls prepare_search before its clock starts: the one-off table is not charged
+    to the first trial's projection; targets the exchange does not serve build nothing."""
+    lr = learner()
+    lr.prepare_search(resnet, "compression")
+    assert lr._tables == {}
+    lr.prepare_search(resnet, "flops")
+    table = lr.latency_table(resnet)
+    assert lr._tables[id(resnet)][1] is table and table.cost({}) == pytest.approx(1.0)
+    off = learner(latency_aware=False)
+    off.prepare_search(resnet, "flops")
+    assert off._tables == {}
