@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pocketflow.io import atomic_write_text
 from pocketflow.learners.graph import PRODUCER, SEPARABLE, ChannelGraph
 
 
@@ -128,11 +129,8 @@ class LatencyTable:
                         continue
                 print(f"channel_pruning: measured {len(todo)} layer shapes for the latency table in "
                       f"{time.perf_counter() - t0:.0f}s ({self.cache})", flush=True)
-                try:
-                    self.cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = self.cache.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_text(json.dumps(disk))
-                    tmp.replace(self.cache)
+                try:  # workers measuring at once: each write is whole (the last one wins)
+                    atomic_write_text(self.cache, json.dumps(disk))
                 except OSError:
                     pass
             table = {k: mine[k] for k, *_ in self._wanted() if k in mine}
