@@ -158,14 +158,8 @@ class LatencyTable:
         for batch, threads in self.settings:
             run = M.TFLiteRunner(blob, threads=threads, batch=batch)
             x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)
-            run(x)
             n = self.invokes if batch == 1 else max(3, self.invokes // 3)
-            best = float("inf")
-            for _ in range(n):
-                t0 = time.perf_counter()
-                run(x)
-                best = min(best, (time.perf_counter() - t0) * 1e3)
-            out[f"b{batch}_t{threads}"] = best
+            out[f"b{batch}_t{threads}"] = float(M.invoke_ms(run, x, n, warmup=1).min())
         return out
 
     # -- prediction ---------------------------------------------------------------------------------

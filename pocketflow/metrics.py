@@ -179,19 +179,24 @@ def tflite_accuracy(model, x, y, batch: int = 256) -> float:
     return float(np.mean(np.argmax(pred, -1) == y))
 
 
+def invoke_ms(runner, x: np.ndarray, runs: int, warmup: int = 0) -> np.ndarray:
+    """Wall time of each of `runs` invokes of `runner` on `x` (after `warmup` untimed ones), in ms."""
+    for _ in range(warmup):
+        runner(x)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        runner(x)
+        times[i] = (time.perf_counter() - t0) * 1e3
+    return times
+
+
 def tflite_latency(model, input_shape, batch: int = 1, threads: int = 1, runs: int = 50,
                    warmup: int = 10) -> float:
     """Median wall time of one invoke, in milliseconds."""
     r = TFLiteRunner(model, threads=threads, batch=batch)
     x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
-    for _ in range(warmup):
-        r(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        r(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    return float(np.median(invoke_ms(r, x, runs, warmup)))
 
 
 # -- Keras ---------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def _latencies(blobs: dict, shape, rounds: int) -> tuple[dict, dict]:
     """
     import numpy as np
 
-    from pocketflow.metrics import TFLiteRunner
+    from pocketflow.metrics import TFLiteRunner, invoke_ms
     fast = {k: {} for k in blobs}
     med = {k: {} for k in blobs}
     for batch, threads in ((1, 1), (1, 2), (32, 1), (32, 2)):
@@ -110,14 +110,7 @@ def _latencies(blobs: dict, shape, rounds: int) -> tuple[dict, dict]:
         names = list(runners)
         for i in range(rounds):
             for k in names[i % len(names):] + names[:i % len(names)]:  # each model leads a round in turn
-                r = runners[k]
-                for _ in range(3):
-                    r(x)
-                ts = []
-                for _ in range(runs):
-                    t0 = time.perf_counter()
-                    r(x)
-                    ts.append((time.perf_counter() - t0) * 1e3)
+                ts = invoke_ms(runners[k], x, runs, warmup=3)
                 key = (batch, threads)
                 fast[k][key] = min(fast[k].get(key, float("inf")), float(np.min(ts)))
                 med[k][key] = min(med[k].get(key, float("inf")), float(np.median(ts)))
@@ -138,7 +131,7 @@ def _conv_sweep(rounds: int, short: bool = False) -> list[dict]:
     import numpy as np
 
     from pocketflow.export import to_tflite
-    from pocketflow.metrics import TFLiteRunner
+    from pocketflow.metrics import TFLiteRunner, invoke_ms
     L = keras.layers
     cases = [("out", 14, 32, c) for c in ((8, 16, 20, 32, 40, 64) if short else (8, 12, 16, 20, 24, 28, 32, 40, 48,
                                                                                  56, 64))]
@@ -153,13 +146,7 @@ def _conv_sweep(rounds: int, short: bool = False) -> list[dict]:
         for k, blob in blobs.items():
             r = TFLiteRunner(blob, threads=1, batch=32)
             x = np.random.default_rng(0).random((32, k[1], k[1], k[2]), dtype=np.float32)
-            r(x)
-            ts = []
-            for _ in range(8):
-                t0 = time.perf_counter()
-                r(x)
-                ts.append((time.perf_counter() - t0) * 1e3)
-            best[k] = min(best.get(k, float("inf")), float(np.min(ts)))
+            best[k] = min(best.get(k, float("inf")), float(invoke_ms(r, x, 8, warmup=1).min()))
     rows = []
     for (side, hw, cin, cout), ms in best.items():
         macs = 32 * hw * hw * 9 * cin * cout
