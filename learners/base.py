@@ -10,7 +10,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from pocketflow.config import Field, validate_section
+from pocketflow.schema import Field, validate_section
 from pocketflow.errors import ConfigError, PocketFlowError
 from pocketflow.registry import Registry
 

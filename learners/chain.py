@@ -25,7 +25,7 @@ ratio an architecture step predicts for its own part, which is an estimate.
 """
 from __future__ import annotations
 
-from pocketflow.config import DISTILL, TRAIN, Field, validate_section
+from pocketflow.schema import DISTILL, TRAIN, Field, validate_section
 from pocketflow.errors import ConfigError, PocketFlowError
 from pocketflow.learners.base import LEARNERS, Budget, Compressed, Learner, register
 from pocketflow.learners.wrappers import (TransformLearner, base_reps, package, ratio_from_reps, wrappers,

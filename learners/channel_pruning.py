@@ -29,7 +29,7 @@ import warnings
 
 import numpy as np
 
-from pocketflow.config import Field, non_negative, positive
+from pocketflow.schema import Field, non_negative, positive
 from pocketflow.errors import PocketFlowError
 from pocketflow.learners.base import Budget, Compressed, Learner, register
 from pocketflow.learners.graph import INPUT, OPAQUE, ChannelGraph, analyse

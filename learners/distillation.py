@@ -5,7 +5,7 @@ same DistillationHook every other learner uses when `distill.enabled` is set.
 """
 from __future__ import annotations
 
-from pocketflow.config import Field
+from pocketflow.schema import Field
 from pocketflow.errors import PocketFlowError
 from pocketflow.learners.base import Budget, Compressed, Learner, register
 

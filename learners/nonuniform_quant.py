@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pocketflow.config import Field, non_negative
+from pocketflow.schema import Field, non_negative
 from pocketflow.learners.base import register
 from pocketflow.learners.wrappers import (COMMON_PARAMS, Codebook, TransformLearner, is_depthwise,
                                           kernel_variable, per_layer_field, wrappers)

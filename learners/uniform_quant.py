@@ -23,7 +23,7 @@ from dataclasses import replace
 import keras
 import numpy as np
 
-from pocketflow.config import Field
+from pocketflow.schema import Field
 from pocketflow.learners.base import register
 from pocketflow.learners.wrappers import (COMMON_PARAMS, Codebook, FakeQuant, TransformLearner,
                                           activation_quants, calibrate_activations, check_cloneable, clone_graph,

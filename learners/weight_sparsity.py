@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pocketflow.config import Field, in_unit, non_negative, positive
+from pocketflow.schema import Field, in_unit, non_negative, positive
 from pocketflow.errors import PocketFlowError
 from pocketflow.learners.base import register
 from pocketflow.learners.wrappers import (COMMON_PARAMS, MagnitudeMask, TransformLearner, expected_zeros,

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from pocketflow.config import Field, non_negative
+from pocketflow.schema import Field, non_negative
 from pocketflow.errors import PocketFlowError
 from pocketflow.learners.base import Compressed, Learner
 from pocketflow.registry import did_you_mean

@@ -47,7 +47,7 @@ def trained_seed_cnn(small_data):
 
 def fine_tune_cfg(**kw) -> dict:
     """A complete `fine_tune` section for learner tests."""
-    from pocketflow.config import TRAIN, validate_section
+    from pocketflow.schema import TRAIN, validate_section
     return validate_section({"verbose": False, **kw}, TRAIN, "learner.fine_tune", "<test>")
 
 

@@ -128,7 +128,7 @@ def _kernels(model):
 
 def _step_fn(model, data):
     """One compiled step of the shared trainer (Trainer._build_step), on a fixed batch."""
-    from pocketflow.config import TRAIN, validate_section
+    from pocketflow.schema import TRAIN, validate_section
     from pocketflow.training import Trainer, make_optimizer
     cfg = validate_section({"batch_size": 128, "verbose": False, "optimizer": "sgd", "schedule": "cosine"},
                            TRAIN, "fine_tune", "<bench>")
