@@ -287,11 +287,7 @@ class Search:
     def check(self):
         if not len(self.ctx.data.x_val):
             raise PocketFlowError("the search scores trials on the validation split; set data.val_split > 0")
-        if self.ratio is not None:
-            top = float(self.learner.max_ratio(self.model, self.metric))
-            if self.ratio > top * 1.0001:
-                raise PocketFlowError(f"target {self.metric} ratio {self.ratio:g}x is out of reach for learner "
-                                      f"'{self.learner.name}': its maximum on this model is {top:.2f}x")
+        self.learner.check_target(self.model, self.metric, self.ratio)
 
     def storage_url(self) -> str:
         return self.cfg["storage"] or f"sqlite:///{(self.ctx.run_dir / 'study.db').resolve()}"

@@ -58,6 +58,9 @@ class Learner(abc.ABC):
     params: ClassVar[dict[str, Field]] = {}
     #: metrics this learner can move (others raise at set-up)
     metrics: ClassVar[tuple[str, ...]] = METRICS
+    #: the TFLite quantization its deployable model is meant for (None: float), unless the
+    #: config's `export.quantize` says otherwise
+    export_quantize: ClassVar[str | None] = None
 
     def __init__(self, cfg: dict, seed: int = 0):
         self.cfg = cfg
@@ -81,8 +84,22 @@ class Learner(abc.ABC):
         raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'")
 
     def max_ratio(self, model, metric: str) -> float:
-        """The largest ratio this learner can reach (an impossible target is refused up front)."""
-        raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'")
+        """The largest ratio this learner can reach: the ratio at the most compressed point of
+        `scale`'s line through the defaults (an impossible target is refused up front)."""
+        return self.predict_ratio(model, self.scale(self.default_params(model), 0.0), metric)
+
+    def check(self, model) -> None:
+        """Refuse, with a one-line PocketFlowError, a model this learner cannot compress; runs
+        before any training. Default: every model is accepted."""
+
+    def check_target(self, model, metric: str, ratio: float | None) -> None:
+        """The one reachability check: a target above `max_ratio` is refused before any training."""
+        if ratio is None:
+            return
+        top = self.max_ratio(model, metric)
+        if ratio > top * 1.0001:
+            raise PocketFlowError(f"target {metric} ratio {ratio:g}x is out of reach for learner "
+                                  f"'{self.name}': its maximum on this model is {top:.2f}x")
 
     def scale(self, params: dict, alpha: float) -> dict:
         """A one-knob family of points through `params`: alpha=1 keeps `params`, smaller alpha
@@ -157,6 +174,11 @@ class Learner(abc.ABC):
                     M.tflite_latency(to_tflite(compressed.deploy), shape))
         raise PocketFlowError(f"unknown metric '{metric}'")
 
+    def export_extra(self, compressed: Compressed, out_dir) -> dict:
+        """Files beyond the Keras/TFLite exports (e.g. the packed weights) written into `out_dir`;
+        returns {key: {"path", "bytes", ...}} for metrics.json. Default: none."""
+        return {}
+
     # -- shared helpers ---------------------------------------------------------------------
     def distill_space(self) -> dict:
         """Temperature and weight become search dimensions when distillation is on."""
@@ -199,11 +221,12 @@ class Learner(abc.ABC):
         return trainer.fit(epochs=budget.epochs, steps=budget.steps, on_epoch_end=budget.on_epoch_end)
 
     @classmethod
-    def validate(cls, section: dict, source: str) -> dict:
-        """Validate the learner-specific keys; returns the section with defaults filled in."""
+    def validate(cls, section: dict, source: str, where: str = "learner") -> dict:
+        """Validate the learner-specific keys (`where` names the section in errors, e.g.
+        `learner.weight_sparsity` inside a chain); returns the section with defaults filled in."""
         base = {k: section[k] for k in ("name", "fine_tune", "distill") if k in section}
         own = {k: v for k, v in section.items() if k not in base}
-        resolved = validate_section(own, cls.params, "learner", source)
+        resolved = validate_section(own, cls.params, where, source)
         for k, f in cls.params.items():
             if k in resolved:
                 section[k] = resolved[k]

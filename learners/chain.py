@@ -50,7 +50,7 @@ class Chain(Learner):
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
-    def validate(cls, section: dict, source: str) -> dict:
+    def validate(cls, section: dict, source: str, where: str = "learner") -> dict:
         """Check `steps` and each step's nested settings (with the step learner's own schema);
         stores each step's resolved section (name, fine_tune, distill, own keys) under its name."""
         steps = section.get("steps")
@@ -91,11 +91,7 @@ class Chain(Learner):
                    "distill": validate_section({**distill, **(raw.get("distill") or {})}, DISTILL,
                                                f"learner.{s}.distill", source)}
             own = {k: v for k, v in raw.items() if k not in _BASE_KEYS}
-            step_cls = LEARNERS.get(s)
-            if getattr(step_cls.validate, "__func__", None) is Learner.validate.__func__:
-                sub.update(validate_section(own, step_cls.params, f"learner.{s}", source))
-            else:
-                sub = step_cls.validate({**sub, **own}, source)
+            sub = LEARNERS.get(s).validate({**sub, **own}, source, where=f"learner.{s}")
             section[s] = sub
         return section
 
@@ -109,14 +105,13 @@ class Chain(Learner):
             learner.config_key = f"learner.{s}"
             self.steps.append((s, learner))
         self.metrics = tuple(sorted({m for _, step in self.steps for m in step.metrics}))
-        if any(getattr(step, "export_quantize", None) == "int8" for _, step in self.steps):
+        if any(step.export_quantize == "int8" for _, step in self.steps):
             self.export_quantize = "int8"
 
     # -- search ---------------------------------------------------------------------------------
     def check(self, model) -> None:
         for _, step in self.steps:
-            if hasattr(step, "check"):
-                step.check(model)
+            step.check(model)
 
     def search_space(self, model) -> dict:
         return {f"{n}/{k}": d for n, step in self.steps for k, d in step.search_space(model).items()}
@@ -183,9 +178,6 @@ class Chain(Learner):
             raise PocketFlowError(f"learner 'chain' cannot target metric '{metric}'")
         return ratio
 
-    def max_ratio(self, model, metric):
-        return self.predict_ratio(model, self.scale(self.default_params(model), 0.0), metric)
-
     # -- compression ----------------------------------------------------------------------------
     def _budget(self, name: str, budget: Budget, last: bool) -> Budget:
         mine, step = self.cfg["fine_tune"], self.cfg[name]["fine_tune"]
@@ -221,4 +213,4 @@ class Chain(Learner):
         if wrappers(compressed.model):
             return write_packed(compressed.model, out_dir)
         step = self.steps[-1][1]
-        return step.export_extra(compressed, out_dir) if hasattr(step, "export_extra") else {}
+        return self.steps[-1][1].export_extra(compressed, out_dir)

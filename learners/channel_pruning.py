@@ -192,9 +192,6 @@ class ChannelPruning(Learner):
             return self._latency_ms(model, g, full) / self._latency_ms(model, g, counts)
         return super().predict_ratio(model, params, metric)
 
-    def max_ratio(self, model, metric: str) -> float:
-        return self.predict_ratio(model, self.scale(self.default_params(model), 0.0), metric)
-
     def project(self, model, params: dict, metric: str, ratio: float, tol: float = 0.01) -> dict:
         """base.project (bisection on `scale`'s alpha) plus two steps integer channels need.
 

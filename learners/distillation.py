@@ -64,9 +64,6 @@ class Distillation(Learner):
             raise PocketFlowError(f"learner 'distillation' cannot target metric '{metric}'")
         return fn(model) / max(1, fn(student))
 
-    def max_ratio(self, model, metric):
-        return self.predict_ratio(model, self.scale(self.default_params(model), 0.0), metric)
-
     def compress(self, model, params, data, budget: Budget, hooks=()) -> Compressed:
         import keras
 

@@ -1144,9 +1144,6 @@ class TransformLearner(Learner):
         return ratio_from_reps(model, self.predicted_reps(model, params), self.prepared_params(model),
                                metric, self.name)
 
-    def max_ratio(self, model, metric):
-        return self.predict_ratio(model, self.scale(self.default_params(model), 0.0), metric)
-
     # -- compression ----------------------------------------------------------------------------
     def apply(self, model, params, data, budget, teacher=None, hooks=()):
         """Wrap `model` (plain or already wrapped; never modified) with this learner's transforms

@@ -134,14 +134,8 @@ def setup(config, overrides=(), target_ratio=None, output=None, resume=False, fo
     run_dir = prepare_run_dir(cfg, output, resume, force)
     data, model, pretrained = load_data_and_model(cfg)
     learner = LEARNERS.get(cfg["learner"]["name"])(cfg["learner"], seed=cfg["seed"])
-    if hasattr(learner, "check"):
-        learner.check(model)
-    metric, ratio = cfg["target"]["metric"], cfg["target"]["ratio"]
-    if ratio is not None:
-        top = learner.max_ratio(model, metric)
-        if ratio > top * 1.0001:
-            raise PocketFlowError(f"target {metric} ratio {ratio:g}x is out of reach for learner "
-                                  f"'{learner.name}': its maximum on this model is {top:.2f}x")
+    learner.check(model)
+    learner.check_target(model, cfg["target"]["metric"], cfg["target"]["ratio"])
     from pocketflow.distributed import world
     if world().is_root:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -193,10 +187,8 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
     if world().is_root:
         staging = Path(tempfile.mkdtemp(dir=ctx.run_dir, prefix=".best."))
         exp = cfg["export"]
-        files = export_model(comp.deploy, staging, exp["formats"], exp["quantize"] or getattr(
-            learner, "export_quantize", None), ctx.data, exp["verify"], weight_scales=exp["weight_scales"])
-        if hasattr(learner, "export_extra"):
-            files["files"].update(learner.export_extra(comp, staging))
+        files = export_model(comp.deploy, staging, exp["formats"], exp["quantize"] or learner.export_quantize, ctx.data, exp["verify"], weight_scales=exp["weight_scales"])
+        files["files"].update(learner.export_extra(comp, staging))
         for entry in files["files"].values():  # paths as they will be after the swap
             if "path" in entry:
                 entry["path"] = str(best / Path(entry["path"]).name)
