@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from pocketflow.errors import ConfigError
+from pocketflow.errors import ConfigError, PocketFlowError
+from pocketflow.plugins import import_modules
 from pocketflow.registry import did_you_mean
 from pocketflow.schema import (DISTILL, TRAIN, Field, check_value, in_unit,  # noqa: F401
                                non_negative, positive, validate_section)
@@ -21,6 +22,7 @@ from pocketflow.schema import (DISTILL, TRAIN, Field, check_value, in_unit,  # n
 SCHEMA: dict[str, Field] = {
     "name": Field(str, "run", help="run name: output goes to <output.dir>/<name>"),
     "seed": Field(int, 0),
+    "plugins": Field(list, [], help="modules imported before validation: they register learners or optimizers"),
     "data": Field(schema={
         "name": Field((str, type(None)), None, help="mnist | fashion_mnist | cifar10 | cifar100 | npz | directory"),
         "path": Field((str, type(None)), None, help=".npz file or image directory"),
@@ -155,6 +157,13 @@ def load_config(source=None, overrides=(), target_ratio=None, **sections) -> Con
         if not isinstance(raw["target"], dict):
             raise ConfigError(f"{name}: 'target' must be a mapping")
         raw["target"]["ratio"] = target_ratio
+    plugins = raw.get("plugins") or []
+    if not (isinstance(plugins, list) and all(isinstance(m, str) for m in plugins)):
+        raise ConfigError(f"{name}: 'plugins' must be a list of module names, got {plugins!r}")
+    try:
+        import_modules(plugins, "plugins")
+    except PocketFlowError as e:
+        raise ConfigError(f"{name}: {e}") from None
     notes = _resolve_learner(raw)
     data = validate_section(raw, SCHEMA, "", name)
     _validate_cross(data, name)

@@ -1,3 +1,4 @@
 """Conformance suites shipped with the package (as `optuna.testing` is): subclass one in your own
 tests and a new learner, optimizer or kernel transform is checked against the same contract as
-the built-in ones."""
+the built-in ones. Needs pytest."""
+from pocketflow.testing.learners import LearnerTestCase  # noqa: F401
