@@ -174,71 +174,17 @@ class Trainer:
         `on_epoch_end(epoch, logs)` may raise (the search uses it to prune poor trials); under
         Horovod it sees the same global logs on every rank, so a deterministic decision agrees.
         """
-        cfg, data, w = self.cfg, self.data, self.world
-        p = plan(cfg, len(data.x_train), epochs, steps, w.size)
-        global_batch, per_epoch, total_steps = p.global_batch, p.steps_per_epoch, p.total_steps
-        n_epochs = p.epochs
-        self._check_batch(global_batch)
-        self.optimizer = optimizer = make_optimizer(cfg, total_steps, p.lr_scale)
-        if not self.model.built:
-            self.model(data.x_train[:1])
-        optimizer.build(self.model.trainable_variables)  # creates the slots and iteration counter
-        for h in self.hooks:
-            h.on_train_begin(self)
-        # identical start on every rank, after the hooks (they may add or rewrite state): weights,
-        # non-trainable state, optimizer slots and iteration counter
-        w.broadcast_variables(self.model.variables + list(optimizer.variables))
-        step_fn = self._build_step(optimizer)
+        cfg, w = self.cfg, self.world
+        p = plan(cfg, len(self.data.x_train), epochs, steps, w.size)
+        step_fn = self._start(p)
         hist, best, bad_epochs = History(), -1.0, 0
         writer = self._summary_writer()
         t_start = time.perf_counter()
-        step = 0
-        for epoch in range(n_epochs):
-            t0 = time.perf_counter()
-            loss_sum, correct, seen, n_steps = 0.0, 0.0, 0, 0
-            n_this = min(per_epoch, total_steps - step)
-            bar = self._bar(n_this, epoch, n_epochs)
-            for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, global_batch, shuffle=True,
-                                                  seed=self.seed, epoch=epoch, rank=w.rank, world=w.size)):
-                if i >= n_this:
-                    break
-                loss, acc = step_fn(xb, yb)
-                loss = float(loss)
-                if not math.isfinite(loss):
-                    raise TrialFailed(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
-                                      "try a lower learning rate")
-                loss_sum += loss
-                n_steps += 1
-                correct += float(acc) * len(xb) * w.size  # every rank has an equal share
-                seen += len(xb) * w.size
-                step += 1
-                for h in self.hooks:
-                    h.after_step(step)
-                if bar is not None:
-                    bar.update(1)
-                    if i % 20 == 0:
-                        bar.set_postfix(loss=f"{loss:.4f}")
-            if bar is not None:
-                bar.close()
-            # float state each rank updated from its own shard (BN statistics, EMA ranges)
-            w.average_variables(self.model.non_trainable_variables)
-            logs = {"epoch": epoch + 1, "loss": loss_sum / n_steps if n_steps else float("nan"),
-                    "acc": correct / max(1, seen), "steps": step}
-            logs["val_acc"] = self.evaluate("val") if len(data.x_val) else None
-            logs["seconds"] = time.perf_counter() - t0
+        for epoch in range(p.epochs):
+            logs = self._epoch(step_fn, p, epoch, hist.steps)
             hist.epochs.append(logs)
-            hist.steps = step
-            if writer is not None:
-                with writer.as_default():
-                    for k in ("loss", "acc", "val_acc"):
-                        if logs[k] is not None:
-                            import tensorflow as tf
-                            tf.summary.scalar(k, logs[k], step=epoch + 1)
-                writer.flush()
-            if cfg.get("verbose", True) and w.is_root:
-                val = f" val_acc {logs['val_acc']:.4f}" if logs["val_acc"] is not None else ""
-                print(f"epoch {epoch + 1}/{n_epochs}: loss {logs['loss']:.4f} acc {logs['acc']:.4f}{val} "
-                      f"({logs['seconds']:.1f}s)", flush=True)
+            hist.steps = logs["steps"]
+            self._log_epoch(logs, p.epochs, writer)
             for h in self.hooks:
                 h.on_epoch_end(epoch, logs)
             score = logs["val_acc"] if logs["val_acc"] is not None else logs["acc"]
@@ -254,10 +200,75 @@ class Trainer:
             if cfg.get("early_stopping") and bad_epochs >= cfg["early_stopping"]:
                 hist.stopped_early = True
                 break
-            if step >= total_steps:
+            if hist.steps >= p.total_steps:
                 break
         hist.seconds = time.perf_counter() - t_start
         return hist
+
+    def _start(self, p: Plan):
+        """Optimizer, hooks and an identical start on every rank; returns the compiled step."""
+        self._check_batch(p.global_batch)
+        self.optimizer = optimizer = make_optimizer(self.cfg, p.total_steps, p.lr_scale)
+        if not self.model.built:
+            self.model(self.data.x_train[:1])
+        optimizer.build(self.model.trainable_variables)  # creates the slots and iteration counter
+        for h in self.hooks:
+            h.on_train_begin(self)
+        # identical start on every rank, after the hooks (they may add or rewrite state): weights,
+        # non-trainable state, optimizer slots and iteration counter
+        self.world.broadcast_variables(self.model.variables + list(optimizer.variables))
+        return self._build_step(optimizer)
+
+    def _epoch(self, step_fn, p: Plan, epoch: int, step: int) -> dict:
+        """One pass (or the plan's remainder of one) over this rank's shard; returns the logs."""
+        data, w = self.data, self.world
+        t0 = time.perf_counter()
+        loss_sum, correct, seen, n_steps = 0.0, 0.0, 0, 0
+        n_this = min(p.steps_per_epoch, p.total_steps - step)
+        bar = self._bar(n_this, epoch, p.epochs)
+        for i, (xb, yb) in enumerate(batches(data.x_train, data.y_train, p.global_batch, shuffle=True,
+                                              seed=self.seed, epoch=epoch, rank=w.rank, world=w.size)):
+            if i >= n_this:
+                break
+            loss, acc = step_fn(xb, yb)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise TrialFailed(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
+                                  "try a lower learning rate")
+            loss_sum += loss
+            n_steps += 1
+            correct += float(acc) * len(xb) * w.size  # every rank has an equal share
+            seen += len(xb) * w.size
+            step += 1
+            for h in self.hooks:
+                h.after_step(step)
+            if bar is not None:
+                bar.update(1)
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+        if bar is not None:
+            bar.close()
+        # float state each rank updated from its own shard (BN statistics, EMA ranges)
+        w.average_variables(self.model.non_trainable_variables)
+        logs = {"epoch": epoch + 1, "loss": loss_sum / n_steps if n_steps else float("nan"),
+                "acc": correct / max(1, seen), "steps": step}
+        logs["val_acc"] = self.evaluate("val") if len(data.x_val) else None
+        logs["seconds"] = time.perf_counter() - t0
+        return logs
+
+    def _log_epoch(self, logs: dict, n_epochs: int, writer) -> None:
+        """TensorBoard scalars and the one-line progress print (rank 0)."""
+        if writer is not None:
+            import tensorflow as tf
+            with writer.as_default():
+                for k in ("loss", "acc", "val_acc"):
+                    if logs[k] is not None:
+                        tf.summary.scalar(k, logs[k], step=logs["epoch"])
+            writer.flush()
+        if self.cfg.get("verbose", True) and self.world.is_root:
+            val = f" val_acc {logs['val_acc']:.4f}" if logs["val_acc"] is not None else ""
+            print(f"epoch {logs['epoch']}/{n_epochs}: loss {logs['loss']:.4f} acc {logs['acc']:.4f}{val} "
+                  f"({logs['seconds']:.1f}s)", flush=True)
 
     def _check_batch(self, global_batch: int) -> None:
         w = self.world
