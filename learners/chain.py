@@ -28,8 +28,9 @@ from __future__ import annotations
 from pocketflow.schema import DISTILL, TRAIN, Field, validate_section
 from pocketflow.errors import ConfigError, PocketFlowError
 from pocketflow.learners.base import LEARNERS, Budget, Compressed, Learner, register
-from pocketflow.learners.wrappers import (TransformLearner, base_reps, package, ratio_from_reps, wrappers,
-                                          write_packed)
+from pocketflow.learners.accounting import base_reps, export_packed, package, ratio_from_reps
+from pocketflow.learners.transform_learner import TransformLearner
+from pocketflow.learners.wrap import wrappers
 from pocketflow.registry import did_you_mean
 
 _BASE_KEYS = ("name", "fine_tune", "distill")
@@ -211,6 +212,6 @@ class Chain(Learner):
 
     def export_extra(self, compressed: Compressed, out_dir) -> dict:
         if wrappers(compressed.model):
-            return write_packed(compressed.model, out_dir)
+            return export_packed(compressed.model, out_dir)
         step = self.steps[-1][1]
         return self.steps[-1][1].export_extra(compressed, out_dir)

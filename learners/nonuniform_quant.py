@@ -12,7 +12,7 @@ With `keep_zero` (default), a layer that arrives already pruned keeps its zeros 
 untrainable zero code, so sparsity survives and the layer still has <= 2^bits distinct values.
 
 Size: per kernel ceil(bits * n / 8) bytes of indexes + 2^bits * 4 bytes of codebook (or a
-sparse layout when the layer was pruned, see `wrappers.storage`); the packed export writes
+sparse layout when the layer was pruned, see `accounting.storage`); the packed export writes
 exactly that. The TFLite export is float32, but with 2^bits distinct values per kernel it
 gzips far below the float model.
 """
@@ -22,8 +22,10 @@ from dataclasses import replace
 
 from pocketflow.schema import Field, non_negative
 from pocketflow.learners.base import register
-from pocketflow.learners.wrappers import (COMMON_PARAMS, Codebook, TransformLearner, is_depthwise,
-                                          kernel_variable, per_layer_field, wrappers)
+from pocketflow.learners.kernels import is_depthwise, kernel_variable
+from pocketflow.learners.transform_learner import COMMON_PARAMS, TransformLearner, per_layer_field
+from pocketflow.learners.transforms import Codebook
+from pocketflow.learners.wrap import wrappers
 from pocketflow.training import TrainHook
 
 

@@ -12,7 +12,7 @@ exactly, so the int8 TFLite model tracks the QAT model. `weight_scales: auto` us
 tensor instead on top of a codebook (the layer keeps its <= 2^bits values, which gzip well, and
 the int8 export, seeing a per-tensor grid, converts that layer per tensor: see pocketflow.export).
 
-Below 8 bits TFLite cannot hold the codes; the export adds the packed file (`wrappers.write_packed`,
+Below 8 bits TFLite cannot hold the codes; the export adds the packed file (`accounting.export_packed`,
 codes bit-packed + a float32 scale per output channel: exactly ceil(b * n / 8) + 4 * channels
 bytes per kernel) next to a TFLite model holding the dequantized grid values.
 """
@@ -25,10 +25,11 @@ import numpy as np
 
 from pocketflow.schema import Field
 from pocketflow.learners.base import register
-from pocketflow.learners.wrappers import (COMMON_PARAMS, Codebook, FakeQuant, TransformLearner,
-                                          activation_quants, calibrate_activations, check_cloneable, clone_graph,
-                                          clone_layer, is_depthwise, is_kernel_layer, kernel_variable,
-                                          num_channels, per_layer_field, sole_consumers)
+from pocketflow.learners.kernels import is_depthwise, is_kernel_layer, kernel_variable, num_channels
+from pocketflow.learners.transform_learner import COMMON_PARAMS, TransformLearner, per_layer_field
+from pocketflow.learners.transforms import Codebook, FakeQuant
+from pocketflow.learners.wrap import (activation_quants, calibrate_activations, check_cloneable, clone_graph,
+                                      clone_layer, sole_consumers)
 
 
 def _bits_2_8(v):

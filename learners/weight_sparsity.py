@@ -17,7 +17,7 @@ weights of a channel are zero).
 
 Size: kernels of pruned layers are stored as the smaller of a dense float32 array, a bitmap
 (1 bit per weight) + float32 nonzeros, or CSR (uint16 column indexes + int32 row pointers) +
-float32 nonzeros; see `wrappers.storage`. The packed export writes exactly that.
+float32 nonzeros; see `accounting.storage`. The packed export writes exactly that.
 """
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ from dataclasses import replace
 from pocketflow.schema import Field, in_unit, non_negative, positive
 from pocketflow.errors import PocketFlowError
 from pocketflow.learners.base import register
-from pocketflow.learners.wrappers import (COMMON_PARAMS, MagnitudeMask, TransformLearner, expected_zeros,
-                                          is_depthwise, parse_pattern, per_layer_field, wrappers)
+from pocketflow.learners.kernels import is_depthwise
+from pocketflow.learners.transform_learner import COMMON_PARAMS, TransformLearner, per_layer_field
+from pocketflow.learners.transforms import MagnitudeMask, expected_zeros, parse_pattern
+from pocketflow.learners.wrap import wrappers
 from pocketflow.training import TrainHook
 
 #: the most a projection or a search pushes any layer (alpha = 0 of `scale`)

@@ -8,9 +8,9 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from pocketflow.learners.wrappers import (ActivationQuant, FakeQuant, PooledQuant,  # noqa: E402
-                                          activation_quants, calibrate_activations, strip_model,
-                                          wrap_model, wrappers)
+from pocketflow.learners.transforms import ActivationQuant, FakeQuant, PooledQuant  # noqa: E402
+from pocketflow.learners.wrap import (activation_quants, calibrate_activations, strip_model,  # noqa: E402
+                                      wrap_model, wrappers)
 
 ALL = lambda name: True  # noqa: E731
 

@@ -19,8 +19,9 @@ keras = pytest.importorskip("keras")
 from pocketflow import metrics as M  # noqa: E402
 from pocketflow.errors import ConfigError, PocketFlowError  # noqa: E402
 from pocketflow.learners import LEARNERS, Budget  # noqa: E402
-from pocketflow.learners.wrappers import (ActivationQuant, Codebook, FakeQuant, MagnitudeMask,  # noqa: E402
-                                          read_packed, wrappers)
+from pocketflow.export.packed import read_packed  # noqa: E402
+from pocketflow.learners.transforms import ActivationQuant, Codebook, FakeQuant, MagnitudeMask  # noqa: E402
+from pocketflow.learners.wrap import wrappers  # noqa: E402
 
 STEPS = ["weight_sparsity", "nonuniform_quant", "uniform_quant"]
 

@@ -20,9 +20,11 @@ from pocketflow import metrics as M  # noqa: E402
 from pocketflow.errors import ConfigError, PocketFlowError  # noqa: E402
 from pocketflow.export import export_model, to_tflite  # noqa: E402
 from pocketflow.learners import LEARNERS, Budget  # noqa: E402
-from pocketflow.learners.wrappers import (Codebook, KernelWrapper, MagnitudeMask, as_matrix,  # noqa: E402
-                                          calibrate_activations, kmeans_1d, nearest_index, read_packed,
-                                          strip_model, wrap_model, wrappers)
+from pocketflow.export.packed import read_packed  # noqa: E402
+from pocketflow.learners.kernels import as_matrix  # noqa: E402
+from pocketflow.learners.transforms import Codebook, MagnitudeMask, kmeans_1d, nearest_index  # noqa: E402
+from pocketflow.learners.wrap import (KernelWrapper, calibrate_activations, strip_model, wrap_model,  # noqa: E402
+                                      wrappers)
 
 
 def make(name, **kw):

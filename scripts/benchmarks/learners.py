@@ -96,7 +96,8 @@ def per_layer_sparsity(model, overall: float, fixed: dict[str, float], skip_firs
     the same value s solved for. Returns {layer: sparsity} for the learner's `per_layer`."""
     import numpy as np
 
-    from pocketflow.learners.wrappers import kernel_layers, kernel_variable
+    from pocketflow.learners.kernels import kernel_variable
+    from pocketflow.learners.wrap import kernel_layers
     sizes = {n: int(np.prod(kernel_variable(layer).shape)) for n, layer, _ in kernel_layers(model)}
     names = list(sizes)
     free = [n for n in names[1 if skip_first else 0:] if n not in fixed]
@@ -122,7 +123,8 @@ def _row(label, learner, comp, original, data, seconds, baseline, float_gz, quan
 # -- (c) step time ------------------------------------------------------------------------------
 
 def _kernels(model):
-    from pocketflow.learners.wrappers import kernel_layers, kernel_variable
+    from pocketflow.learners.kernels import kernel_variable
+    from pocketflow.learners.wrap import kernel_layers
     return [kernel_variable(layer) for _, layer, _ in kernel_layers(model)]
 
 
@@ -151,8 +153,8 @@ def _wrapped_variants(model, data, total_steps: int, mask_every: int | None = No
     schedules a fine-tuning of `total_steps` updates masks every (0.7 * total) // 10 steps and
     refreshes codebooks every total // 10 steps."""
     from pocketflow.learners.uniform_quant import fold_batchnorm
-    from pocketflow.learners.wrappers import (Codebook, FakeQuant, MagnitudeMask, calibrate_activations,
-                                              wrap_model, wrappers)
+    from pocketflow.learners.transforms import Codebook, FakeQuant, MagnitudeMask
+    from pocketflow.learners.wrap import calibrate_activations, wrap_model, wrappers
     every = lambda n: True  # noqa: E731
     masked = wrap_model(model, every, lambda n, layer, e: [MagnitudeMask()])
     for w in wrappers(masked):

@@ -35,7 +35,8 @@ PIPELINES = [  # (row name, learner, learner config, TFLite quantization)
 def dense_sparsity(overall: float, model) -> float:
     """The sparsity of the Dense kernel that, with the 108-weight conv kept dense, makes `overall`
     of all kernel weights zero (0.8 overall -> 0.8043 on the Dense)."""
-    from pocketflow.learners.wrappers import kernel_layers, kernel_variable
+    from pocketflow.learners.kernels import kernel_variable
+    from pocketflow.learners.wrap import kernel_layers
     sizes = [int(np.prod(kernel_variable(layer).shape)) for _, layer, _ in kernel_layers(model)]
     return math.ceil(1e6 * math.ceil(overall * sum(sizes)) / sum(sizes[1:])) / 1e6
 

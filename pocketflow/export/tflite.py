@@ -1,4 +1,4 @@
-"""Export: `.keras`, SavedModel, TFLite (float, dynamic-range, float16, full-integer int8).
+"""TFLite conversion (float, dynamic-range, float16, full-integer int8) and its check.
 
 Every TFLite export can be verified by running it with ai_edge_litert and comparing
 with the Keras model on the same inputs.
@@ -13,13 +13,10 @@ layers, or all Dense layers); otherwise per channel, as before.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 
 from pocketflow.errors import PocketFlowError
-from pocketflow.io import atomic_save_model, atomic_write_bytes, quiet_stderr
+from pocketflow.io import quiet_stderr
 
 WEIGHT_SCALES = ("auto", "per_channel", "per_tensor", "per_tensor_dense")
 
@@ -110,42 +107,3 @@ def verify_tflite(model, tflite: bytes, x: np.ndarray) -> float:
     """Max abs difference between Keras and TFLite outputs on `x`."""
     from pocketflow.metrics import TFLiteRunner, predict
     return float(np.max(np.abs(TFLiteRunner(tflite).predict(x) - predict(model, x))))
-
-
-def export_model(model, out_dir, formats=("keras", "tflite"), quantize: str | None = None,
-                 data=None, verify: bool = True, stem: str = "model", weight_scales: str = "auto") -> dict:
-    """Write the requested formats into `out_dir`; returns paths, sizes and checks
-    (`weight_scales`: see `to_tflite`; the int8 entry records the layout used)."""
-    from pocketflow.metrics import file_size, gzip_size, tflite_accuracy
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"files": {}}
-    if "keras" in formats:
-        p = atomic_save_model(model, out / f"{stem}.keras")
-        result["files"]["keras"] = {"path": str(p), "bytes": file_size(p), "gzip_bytes": gzip_size(p)}
-    if "saved_model" in formats:
-        target = out / f"{stem}_saved_model"
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".saved_model."))
-        with quiet_stderr((1, 2)):
-            model.export(str(tmp / "m"), verbose=False)
-        from pocketflow.io import atomic_replace_dir
-        atomic_replace_dir(tmp / "m", target)
-        tmp.rmdir()
-        result["files"]["saved_model"] = {"path": str(target)}
-    if "tflite" in formats:
-        rep = data.representative() if data is not None else None
-        variants = {"": None} if quantize is None else {"": None, f"_{quantize}": quantize}
-        for suffix, q in variants.items():
-            blob = to_tflite(model, q, rep, weight_scales=weight_scales)
-            p = atomic_write_bytes(out / f"{stem}{suffix}.tflite", blob)
-            entry = {"path": str(p), "bytes": len(blob), "gzip_bytes": gzip_size(blob), "quantize": q}
-            if q == "int8":
-                entry["weight_scales"] = (choose_weight_scales(model) if weight_scales == "auto"
-                                          else weight_scales)
-            if verify and data is not None:
-                sample = data.x_test[:64]
-                if q is None:
-                    entry["max_abs_diff_vs_keras"] = verify_tflite(model, blob, sample)
-                entry["test_accuracy"] = tflite_accuracy(blob, data.x_test, data.y_test)
-            result["files"][f"tflite{suffix}"] = entry
-    return result
