@@ -11,7 +11,7 @@ from pocketflow.learners.kernels import as_matrix, is_depthwise  # noqa: E402
 from pocketflow.learners.transforms import (Codebook, FakeQuant, MagnitudeMask, PooledQuant,  # noqa: E402
                                             expected_zeros)
 from pocketflow.learners.wrap import wrappers  # noqa: E402
-from pocketflow.testing.transforms import TransformTestCase  # noqa: E402
+from pocketflow.testing import TransformTestCase  # noqa: E402
 
 
 class TestMagnitudeMask(TransformTestCase):
