@@ -213,5 +213,4 @@ class Chain(Learner):
     def export_extra(self, compressed: Compressed, out_dir) -> dict:
         if wrappers(compressed.model):
             return export_packed(compressed.model, out_dir)
-        step = self.steps[-1][1]
         return self.steps[-1][1].export_extra(compressed, out_dir)
