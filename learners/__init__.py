@@ -4,6 +4,7 @@ import importlib
 from pocketflow.learners.base import (LEARNERS, Budget, Compressed, Learner, register,  # noqa: F401
                                       validate_learner_section)
 from pocketflow.learners import full_precision  # noqa: F401  (registers)
+from pocketflow.learners.topology import register_layer  # noqa: F401
 
 _BUILTINS = ("weight_sparsity", "uniform_quant", "nonuniform_quant", "channel_pruning",
              "distillation", "chain")

@@ -13,8 +13,9 @@ keras = pytest.importorskip("keras")
 from pocketflow import metrics as M  # noqa: E402
 from pocketflow.errors import ConfigError, PocketFlowError  # noqa: E402
 from pocketflow.learners import LEARNERS, Budget  # noqa: E402
-from pocketflow.learners.channel_pruning import allowed_counts, channels  # noqa: E402
-from pocketflow.learners.graph import PRODUCER, SEPARABLE, analyse  # noqa: E402
+from pocketflow.learners.channel_pruning.counts import allowed_counts, channels  # noqa: E402
+from pocketflow.learners.channel_pruning.groups import analyse  # noqa: E402
+from pocketflow.learners.topology import PRODUCER, SEPARABLE  # noqa: E402
 from pocketflow.zoo import build_model  # noqa: E402
 
 L = keras.layers

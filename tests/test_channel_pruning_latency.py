@@ -14,7 +14,7 @@ keras = pytest.importorskip("keras")
 from pocketflow.errors import ConfigError  # noqa: E402
 from pocketflow.export import to_tflite  # noqa: E402
 from pocketflow.learners import LEARNERS  # noqa: E402
-from pocketflow.learners.channel_pruning import allowed_counts  # noqa: E402
+from pocketflow.learners.channel_pruning.counts import allowed_counts  # noqa: E402
 from pocketflow.metrics import TFLiteRunner, tflite_interpreter  # noqa: E402
 from pocketflow.zoo import build_model  # noqa: E402
 

@@ -18,6 +18,9 @@ the measured `latency` target.
 Timings are the fastest of a few invokes (other jobs on a shared machine can only slow an
 invoke down) and are cached in a JSON file keyed by machine, TensorFlow version and layer
 signature, so a model's table is measured once per machine (about a minute for ResNet-20).
+
+`pruned_ms` is the other measurement channel pruning makes: a whole pruned model's latency,
+for the `latency` target.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from pocketflow.io import atomic_write_text
-from pocketflow.learners.graph import PRODUCER, SEPARABLE, ChannelGraph
+from pocketflow.learners.channel_pruning.counts import allowed_counts
+from pocketflow.learners.channel_pruning.graph import ChannelGraph
+from pocketflow.learners.topology import PRODUCER, SEPARABLE
 
 
 def default_cache() -> Path:
@@ -59,6 +64,34 @@ def _thin(counts, keep_every: int = 4) -> list[int]:
     small = [c for c in counts if c % keep_every == 0 or c == counts[0]]
     big = [c for c in counts if c > 16]
     return sorted(set(small + big + [counts[0], counts[-1]]))
+
+
+def side_counts(g: ChannelGraph, m: int, t: int, lo: float):
+    """layout -> the kept-position counts a layer's input or output can take with channel
+    multiple `m`, tile `t` and ratio floor `lo` (what the table measures)."""
+    def side(lay):
+        ids = [int(i) for i in np.unique(lay.group)]
+        movable = [i for i in ids if i >= 0 and g.groups[i].prunable]
+        if not movable:
+            return [len(lay)]
+        if len(ids) == 1:
+            gr, rep = g.groups[ids[0]], len(lay) // g.groups[ids[0]].size
+            ok = allowed_counts(gr.size, m, t)
+            return [int(rep * c) for c in ok if c >= min(ok[-1], lo * gr.size - 1e-9)]
+        return sorted({int(round(len(lay) * f)) for f in np.linspace(lo, 1.0, 9)} | {len(lay)})
+    return side
+
+
+def pruned_ms(model, g: ChannelGraph, counts: dict) -> float:
+    """TFLite latency (batch 1, 1 thread) of `model` pruned to `counts` (first channels kept):
+    the fastest of 60 invokes after 5 warm-up ones, which other jobs on a shared machine can
+    only slow down (a median moves with their load)."""
+    from pocketflow import metrics as M
+    from pocketflow.export import to_tflite
+    pruned = g.prune(model, {gid: np.arange(k) for gid, k in counts.items()})
+    run = M.TFLiteRunner(to_tflite(pruned), threads=1, batch=1)
+    x = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
+    return float(M.invoke_ms(run, x, 60, warmup=5).min())
 
 
 class LatencyTable:
