@@ -23,9 +23,11 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pocketflow.errors import PocketFlowError
-from pocketflow.hpo import OPTIMIZERS
 from pocketflow.hpo.space import Categorical, Dimension, Float, Int
 from pocketflow.io import to_builtin
+from pocketflow.registry import Registry
+
+OPTIMIZERS: Registry = Registry("optimizer")  # name -> Optimizer class; plugins add theirs
 
 
 def distributions(space: dict[str, Dimension]) -> dict[str, optuna.distributions.BaseDistribution]:

@@ -15,12 +15,12 @@ from pocketflow.io import atomic_write_bytes, atomic_write_text
 
 
 def _rows(trials) -> list[dict]:
-    from pocketflow.hpo.search import counts, is_feasible
+    from pocketflow.hpo.study import holds_slot, is_feasible
     rows = []
     for t in trials:
         a = t.user_attrs
         rows.append({
-            "number": t.number, "state": t.state.name.lower(), "void": not counts(t),
+            "number": t.number, "state": t.state.name.lower(), "void": not holds_slot(t),
             "params": a.get("projected") or a.get("params") or dict(t.params),
             "ratio": a.get("ratio"), "val_acc": a.get("val_acc", t.value if t.state.name == "COMPLETE" else None),
             "feasible": is_feasible(t), "seconds": a.get("seconds"),
@@ -147,7 +147,7 @@ def write_report(study, run_dir) -> Path:
     """Write report.md and its PNGs into `run_dir`; works on a partial study."""
     import matplotlib
     matplotlib.use("Agg")
-    from pocketflow.hpo.search import best_trial
+    from pocketflow.hpo.study import best_trial
     run_dir = Path(run_dir)
     trials = study.get_trials(deepcopy=False)
     rows = _rows(trials)

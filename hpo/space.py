@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from pocketflow.errors import PocketFlowError
+from pocketflow.registry import did_you_mean
+
 
 @dataclass(frozen=True)
 class Float:
@@ -48,3 +51,45 @@ def from_config(spec: Any, default: Dimension | None = None) -> Dimension:
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         return Categorical(tuple(spec))
     raise ValueError(f"expected [low, high] or a list of choices, got {spec!r}")
+
+
+def build_space(learner, model, search_cfg: dict) -> tuple[dict, dict]:
+    """(space, fixed): the learner's space (its own dimensions and distillation's) with the
+    `search.space` overrides applied and the `search.fix` dimensions taken out. `search.space`
+    may also name a dimension of `learner.optional_space` (e.g. `fine_tune/learning_rate`) to
+    switch it on; `null` there keeps the learner's default range."""
+    space, optional = dict(learner.full_space(model)), learner.optional_space(model)
+    known = {**optional, **space}
+
+    def check_name(key, name):
+        if name not in known:
+            names = list(known)
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise PocketFlowError(f"search.{key}: unknown dimension '{name}'{did_you_mean(name, names)}; "
+                                  f"learner '{learner.name}' searches: {shown}")
+
+    for name, spec in (search_cfg.get("space") or {}).items():
+        check_name("space", name)
+        space[name] = _override(name, spec, known[name])
+    fixed = {}
+    for name, value in (search_cfg.get("fix") or {}).items():
+        check_name("fix", name)
+        fixed[name] = value
+        space.pop(name, None)
+    return space, fixed
+
+
+def _override(name: str, spec: Any, default: Dimension) -> Dimension:
+    if spec is None:
+        return default
+    try:
+        dim = from_config(spec, default)
+    except ValueError as e:
+        raise PocketFlowError(f"search.space.{name}: {e}") from None
+    if isinstance(dim, (Float, Int)) and not dim.low < dim.high:
+        raise PocketFlowError(f"search.space.{name}: low must be below high, got {list(spec)}")
+    if isinstance(dim, (Float, Int)) and dim.log and dim.low <= 0:
+        raise PocketFlowError(f"search.space.{name}: a log-scale range must be > 0, got {list(spec)}")
+    if isinstance(dim, Categorical) and not dim.choices:
+        raise PocketFlowError(f"search.space.{name}: no choices given")
+    return dim

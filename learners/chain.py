@@ -34,6 +34,7 @@ from pocketflow.learners.wrap import wrappers
 from pocketflow.registry import did_you_mean
 
 _BASE_KEYS = ("name", "fine_tune", "distill")
+SHARED_SECTIONS = ("fine_tune", "distill")  # point keys a chain hands to every step
 
 
 def _resolved(sub, name) -> bool:
@@ -117,6 +118,16 @@ class Chain(Learner):
     def search_space(self, model) -> dict:
         return {f"{n}/{k}": d for n, step in self.steps for k, d in step.search_space(model).items()}
 
+    def full_space(self, model) -> dict:
+        """Each step's own dimensions and its distillation's, under the step's name."""
+        return {f"{n}/{k}": d for n, step in self.steps for k, d in step.full_space(model).items()}
+
+    def optional_space(self, model) -> dict:
+        """One learning rate for every step (`fine_tune/learning_rate`) or one per step
+        (`weight_sparsity/fine_tune/learning_rate`, ...): hand recipes tune them per step."""
+        own = super().optional_space(model)
+        return {**own, **{f"{n}/{k}": d for n, step in self.steps for k, d in step.optional_space(model).items()}}
+
     def default_params(self, model) -> dict:
         return {f"{n}/{k}": v for n, step in self.steps for k, v in step.default_params(model).items()}
 
@@ -125,14 +136,22 @@ class Chain(Learner):
             self.steps[0][1].prepare_search(model, metric)
 
     def split(self, params: dict) -> dict[str, dict]:
-        """{'weight_sparsity/sparsity/conv': .8} -> {'weight_sparsity': {'sparsity/conv': .8}, ...}."""
-        out = {n: {} for n, _ in self.steps}
+        """{'weight_sparsity/sparsity/conv': .8} -> {'weight_sparsity': {'sparsity/conv': .8}, ...}.
+        A shared key without a step name (`fine_tune/...`, `distill/...`) goes to every step that
+        has no value of its own for it."""
+        out, shared = {n: {} for n, _ in self.steps}, {}
         for key, v in (params or {}).items():
             step, _, rest = str(key).partition("/")
+            if step in SHARED_SECTIONS and step not in out:
+                shared[key] = v
+                continue
             if step not in out or not rest:
                 raise PocketFlowError(f"learner 'chain': parameter '{key}' belongs to no step; prefix it with "
                                       f"one of: {', '.join(out)}")
             out[step][rest] = v
+        for part in out.values():
+            for key, v in shared.items():
+                part.setdefault(key, v)
         return out
 
     def _join(self, parts: dict) -> dict:

@@ -34,7 +34,7 @@ class Distillation(Learner):
 
     def search_space(self, model) -> dict:
         from pocketflow.hpo.space import Float
-        space = {"learning_rate": Float(1e-4, 1e-2, log=True)}
+        space = {"fine_tune/learning_rate": Float(1e-4, 1e-2, log=True)}  # a student from scratch
         if self.cfg.get("width"):
             space["width"] = Float(self.cfg["min_width"], 1.0)
         # temperature and weight are always searched here: distillation is the whole method
@@ -74,8 +74,8 @@ class Distillation(Learner):
         hook = DistillationHook(model, params.get("distill/temperature", d["temperature"]),
                                 params.get("distill/weight", d["weight"]))
         ft = dict(self.cfg["fine_tune"])
-        if "learning_rate" in params:
-            ft["learning_rate"] = float(params["learning_rate"])
+        if "fine_tune/learning_rate" in params:
+            ft["learning_rate"] = float(params["fine_tune/learning_rate"])
         keras.utils.set_random_seed(self.seed)
         hist = None
         if budget.steps or budget.epochs:

@@ -4,7 +4,6 @@ and `chain` can stack them; plus the config keys they all accept (`COMMON_PARAMS
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -183,7 +182,7 @@ class TransformLearner(Learner):
                              lambda n: self.output_bits(n, values[n]))
         self.before_training(wrapped, data)
         own = self.train_hooks(wrapped, values, data, budget)
-        history = self.fine_tune(wrapped, data, budget, teacher=teacher, hooks=list(own) + list(hooks))
+        history = self.fine_tune(wrapped, data, budget, teacher=teacher, hooks=list(own) + list(hooks), params=params)
         self.finish(wrapped, values, own)
         return wrapped, history
 
@@ -200,13 +199,6 @@ class TransformLearner(Learner):
     @staticmethod
     def total_steps(cfg: dict, data, budget) -> int:
         """Optimizer steps the trainer will run for `budget` (schedules are laid out on them)."""
-        if not (budget.steps or budget.epochs):
-            return 0
-        try:
-            from pocketflow.training import plan
-        except ImportError:  # a trainer without `plan`: its single-process arithmetic
-            per_epoch = max(1, math.ceil(len(data.x_train) / int(cfg["batch_size"])))
-            return int(budget.steps) if budget.steps else int(math.ceil(budget.epochs * per_epoch))
-        from pocketflow.distributed import world
-        return plan(cfg, len(data.x_train), budget.epochs, budget.steps, world().size).total_steps
+        from pocketflow.training import budget_steps
+        return budget_steps(cfg, len(data.x_train), budget.epochs, budget.steps)
 

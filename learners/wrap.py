@@ -68,25 +68,24 @@ def sole_consumers(model) -> dict[str, object]:
     """Layer name -> the one layer that consumes its output, for every top-level layer called
     once whose single output feeds exactly one other single-use layer and is not a model output."""
     from keras.src.models.functional import Functional
-    if isinstance(model, keras.Sequential):
-        ls = model.layers
-        return {a.name: b for a, b in zip(ls, ls[1:])}
-    if not isinstance(model, Functional):
+
+    from pocketflow.learners.topology import walk
+    if not isinstance(model, (Functional, keras.Sequential)) or not model.built:
         return {}
-    nodes = [n for d in model._nodes_by_depth.values() for n in d if n.operation is not None and not n.is_input]
-    uses, calls = {}, {}
+    topo = walk(model)
+    nodes = [n for n in topo.nodes if not isinstance(n.layer, keras.layers.InputLayer)]
+    uses = {}
     for n in nodes:
-        calls[id(n.operation)] = calls.get(id(n.operation), 0) + 1
-        for t in n.input_tensors:
+        for t in n.inputs:
             uses.setdefault(id(t), []).append(n)
-    outputs = {id(t) for t in model.outputs}
+    outputs = {id(t) for t in topo.outputs}
     out = {}
     for n in nodes:
-        if calls[id(n.operation)] != 1 or len(n.output_tensors) != 1 or id(n.output_tensors[0]) in outputs:
+        if topo.calls[n.layer.name] != 1 or len(n.outputs) != 1 or id(n.outputs[0]) in outputs:
             continue
-        consumers = uses.get(id(n.output_tensors[0]), [])
-        if len(consumers) == 1 and calls[id(consumers[0].operation)] == 1:
-            out[n.operation.name] = consumers[0].operation
+        readers = uses.get(id(n.outputs[0]), [])
+        if len(readers) == 1 and topo.calls[readers[0].layer.name] == 1:
+            out[n.layer.name] = readers[0].layer
     return out
 
 

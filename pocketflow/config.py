@@ -172,7 +172,7 @@ def load_config(source=None, overrides=(), target_ratio=None, **sections) -> Con
 
 def _resolve_learner(raw: dict) -> list[str]:
     """`learner: NAME` is short for `learner: {name: NAME}`; `auto` picks the learner from the
-    target metric (hpo.search.choose_learner). Returns what was decided, for the log."""
+    target metric (pocketflow.learners.auto). Returns what was decided, for the log."""
     sec = raw.get("learner")
     if isinstance(sec, str):
         sec = raw["learner"] = {"name": sec}
@@ -180,7 +180,7 @@ def _resolve_learner(raw: dict) -> list[str]:
         return []
     target = raw.get("target") if isinstance(raw.get("target"), dict) else {}
     metric = target.get("metric", SCHEMA["target"].schema["metric"].default)
-    from pocketflow.hpo.search import resolve_auto
+    from pocketflow.learners.auto import resolve_auto
     raw["learner"] = resolve_auto(sec, metric)
     steps = raw["learner"].get("steps")
     chosen = raw["learner"]["name"] + (f" ({' -> '.join(steps)})" if steps else "")

@@ -101,6 +101,14 @@ def plan(cfg: dict, n_train: int, epochs: float | None = None, steps: int | None
     return Plan(global_batch, lr_scale, per_epoch, total)
 
 
+def budget_steps(cfg: dict, n_train: int, epochs: float | None, steps: int | None) -> int:
+    """Optimizer steps a fine-tune of `epochs` or `steps` will run in this process's world (0 for
+    an empty budget, which fine-tunes nothing): the one count schedules and pruners lay out on."""
+    if not (steps or epochs):
+        return 0
+    return plan(cfg, n_train, epochs, steps, world().size).total_steps
+
+
 class Trainer:
     """Fine-tunes `model` on `data` with the `train`/`fine_tune` config section.
 

@@ -212,8 +212,6 @@ def test_cli_run_under_horovodrun_writes_one_run(tmp_path):
 
 
 def test_search_under_horovodrun_writes_one_study(tmp_path):
-    if not (ROOT / "hpo" / "search.py").is_file():
-        pytest.skip("pocketflow.hpo.search not written yet")
     cfg = _run_config(tmp_path, search={"optimizer": "random", "trials": 2, "trial_steps": 10,
                                         "pruner": "none"})
     job = horovodrun(sys.executable, "-m", "pocketflow", "run", cfg, timeout=300)

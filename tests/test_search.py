@@ -59,8 +59,8 @@ def load(db: Path, name: str):
 
 def counted(study):
     """Finished trials that hold a budget slot (not interrupted/surplus)."""
-    from pocketflow.hpo.search import counts, is_finished
-    return [t for t in study.get_trials() if counts(t) and is_finished(t)]
+    from pocketflow.hpo.study import holds_slot, is_finished
+    return [t for t in study.get_trials() if holds_slot(t) and is_finished(t)]
 
 
 # -- one run per optimizer, shared by the checks below ---------------------------------------------
@@ -283,3 +283,66 @@ def test_report_on_a_partial_study(tmp_path):
     assert "(misses target)" in text  # trial 2 is under the target
     assert (tmp_path / "best_layers.png").is_file() and (tmp_path / "tradeoff.png").is_file()
     assert pareto([(4.1, 0.8, 0), (6.0, 0.7, 1), (3.0, 0.75, 2)]) == [1, 0]
+
+
+# -- the dimensions every learner can search (fine_tune/learning_rate) -------------------------------
+
+LR_LEARNERS = {"full_precision": {}, "weight_sparsity": {"sparsity": 0.5}, "uniform_quant": {"bits": 6},
+               "nonuniform_quant": {"bits": 3}, "channel_pruning": {"preserve_ratio": 0.75, "latency_aware": False},
+               "distillation": {"student": "seed_cnn"},
+               "chain": {"steps": ["weight_sparsity", "uniform_quant"]}}
+
+
+def _lr_search(seed_model, out: Path, learner: str, search: dict) -> tuple[list, dict]:
+    """An in-process run with a one- or two-trial search over the learner's settings."""
+    from pocketflow import api
+    name = f"lr_{learner}_{len(list(out.iterdir()))}"
+    cfg = {"name": name, "seed": 0, "data": {"name": "npz", "path": str(SMALL_NPZ), "val_split": 0.1},
+           "model": {"name": str(seed_model)},
+           "learner": {"name": learner, "fine_tune": {"epochs": 1, "steps": 1, "batch_size": 64, "verbose": False},
+                       **LR_LEARNERS[learner]},
+           "search": {"optimizer": "random", "trial_steps": 6, "pruner": "none", **search},
+           "export": {"formats": ["keras"], "verify": False}}
+    res = api.compress(cfg, output=str(out))
+    return counted(load(out / name / "study.db", name)), res.metrics
+
+
+@pytest.mark.parametrize("learner", list(LR_LEARNERS))
+def test_every_learner_searches_the_fine_tune_learning_rate(seed_model, tmp_path, learner):
+    """`search.space` switches the dimension on for every learner (it was 'unknown dimension'
+    for all but full_precision), and the trial's fine-tune really trains with the value: the same
+    point with a vanishing and with a large learning rate scores differently."""
+    trials, _ = _lr_search(seed_model, tmp_path, learner,
+                           {"trials": 1, "space": {"fine_tune/learning_rate": [1e-4, 1e-2]}})
+    (t,) = trials
+    assert t.state.name == "COMPLETE", t.user_attrs.get("fail_reason")
+    assert 1e-4 <= t.params["fine_tune/learning_rate"] <= 1e-2
+    scores = {}
+    for lr in (1e-12, 0.05):
+        trials, _ = _lr_search(seed_model, tmp_path, learner,
+                               {"trials": 1, "space": {"fine_tune/learning_rate": {"choices": [lr]}}})
+        assert trials[0].state.name == "COMPLETE", trials[0].user_attrs.get("fail_reason")
+        assert trials[0].user_attrs["params"]["fine_tune/learning_rate"] == lr
+        scores[lr] = trials[0].value
+    assert scores[1e-12] != scores[0.05], scores
+
+
+def test_a_chain_takes_a_learning_rate_per_step(seed_model, tmp_path):
+    """`<step>/fine_tune/learning_rate` is a dimension of each chain step, as hand recipes tune it."""
+    from pocketflow.learners import LEARNERS
+    from pocketflow.config import load_config
+    from pocketflow.hpo.space import build_space
+    from pocketflow.zoo import load_keras_file
+    cfg = load_config({"data": {"name": "npz", "path": str(SMALL_NPZ)}, "model": {"name": "seed_cnn"},
+                       "learner": {"name": "chain", "steps": ["weight_sparsity", "uniform_quant"]}})
+    chain = LEARNERS.get("chain")(cfg["learner"])
+    model = load_keras_file(seed_model)
+    space, fixed = build_space(chain, model, {"space": {"weight_sparsity/fine_tune/learning_rate": [1e-4, 1e-2],
+                                                        "uniform_quant/fine_tune/learning_rate": None}})
+    assert {"weight_sparsity/fine_tune/learning_rate", "uniform_quant/fine_tune/learning_rate"} <= set(space)
+    assert "fine_tune/learning_rate" not in space and not fixed
+    parts = chain.split({"fine_tune/learning_rate": 1e-3, "uniform_quant/fine_tune/learning_rate": 2e-4})
+    assert parts["weight_sparsity"]["fine_tune/learning_rate"] == 1e-3
+    assert parts["uniform_quant"]["fine_tune/learning_rate"] == 2e-4
+    with pytest.raises(Exception, match="unknown dimension 'fine_tune/learning_rat'"):
+        build_space(chain, model, {"space": {"fine_tune/learning_rat": [1e-4, 1e-2]}})

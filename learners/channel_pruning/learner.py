@@ -209,7 +209,7 @@ class ChannelPruning(Learner):
         crit = self.cfg["criterion"]
         keep, overrides, notes = CRITERIA[crit](self, model, g, counts, data)
         pruned = g.prune(model, keep, overrides)
-        hist = self.fine_tune(pruned, data, budget, teacher=model, hooks=hooks)
+        hist = self.fine_tune(pruned, data, budget, teacher=model, hooks=hooks, params=params)
         info = {"criterion": crit,
                 "channels": {gr.name: [int(counts[gr.id]), gr.size] for gr in g.prunable},
                 "ratios": {gr.name: round(counts[gr.id] / gr.size, 4) for gr in g.prunable},

@@ -24,13 +24,6 @@ import pytest
 from pocketflow.testing.data import synthetic_dataset
 
 
-def _all_layers(model):
-    """Every layer, nested models included (a deploy model must hold no PocketFlow layer)."""
-    for layer in model.layers:
-        yield layer
-        yield from _all_layers(layer) if hasattr(layer, "layers") else ()
-
-
 class LearnerTestCase:
     #: the registered learner name
     learner: ClassVar[str] = ""
@@ -101,6 +94,7 @@ class LearnerTestCase:
     def test_compress_leaves_the_input_alone_and_deploys_plain_keras(self, model, data):
         from pocketflow.export import to_tflite, verify_tflite
         from pocketflow.learners import Budget, Compressed
+        from pocketflow.learners.wrap import all_layers
         learner = self.make_learner()
         learner.check(model)
         before = [w.copy() for w in model.get_weights()]
@@ -108,7 +102,7 @@ class LearnerTestCase:
         assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights())), "input model modified"
         assert isinstance(comp, Compressed)
         assert isinstance(comp.size_bytes, int) and comp.size_bytes > 0
-        custom = [type(layer).__name__ for layer in _all_layers(comp.deploy)
+        custom = [type(layer).__name__ for layer in all_layers(comp.deploy)
                   if type(layer).__module__.startswith("pocketflow")]
         assert not custom, f"the deploy model holds PocketFlow layers: {custom}"
         x = data.x_test[:32]

@@ -87,11 +87,11 @@ def config(a, name: str, optimizer: str) -> dict:
 def best_curve(run_dir: Path, name: str) -> list[tuple[int, float]]:
     import optuna
 
-    from pocketflow.hpo.search import counts, is_feasible
+    from pocketflow.hpo.study import holds_slot, is_feasible
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
     out, cur = [], None
     for t in study.get_trials():
-        if not counts(t):
+        if not holds_slot(t):
             continue
         if is_feasible(t) and (cur is None or t.value > cur):
             cur = t.value
