@@ -14,7 +14,8 @@ keras = pytest.importorskip("keras")
 from pocketflow.errors import ConfigError  # noqa: E402
 from pocketflow.export import to_tflite  # noqa: E402
 from pocketflow.learners import LEARNERS  # noqa: E402
-from pocketflow.learners.channel_pruning.counts import allowed_counts  # noqa: E402
+from pocketflow.learners.channel_pruning.counts import COUNT, allowed_counts, to_params  # noqa: E402
+from pocketflow.learners.channel_pruning.latency_table import LatencyTable, side_counts  # noqa: E402
 from pocketflow.metrics import TFLiteRunner, tflite_interpreter  # noqa: E402
 from pocketflow.zoo import build_model  # noqa: E402
 
@@ -85,13 +86,73 @@ def test_latency_aware_projection_meets_the_target_with_less_predicted_latency(r
         for gr in g.prunable:  # on the tile grid, never below the ratio_range floor
             assert counts[gr.id] in allowed_counts(gr.size, 1, 32) and counts[gr.id] >= 0.1 * gr.size
         eff[name] = table.cost(counts) * r  # predicted latency / FLOPs kept: lower is better
-    assert eff["aware"] < 0.95 * eff["plain"], eff
+    # never worse by its own table; how much better depends on this machine's fresh measurement
+    # (0.66-0.87 of plain on 13 tables measured here): the >= 5% gain is asserted on a fixed table
+    # below, and measured on the channel-pruning benchmark page
+    assert eff["aware"] <= eff["plain"] * (1 + 1e-9), eff
     # the search's points stay distinct: another start projects elsewhere, also on target
     rng = np.random.default_rng(0)
     other = aware.project(resnet, {k: float(rng.uniform(0.3, 1.0)) for k in start}, "flops", 2.0)
     assert 2.0 <= aware.predict_ratio(resnet, other, "flops") <= 2.02
     p3 = aware.project(resnet, start, "params", 3.0)
     assert 3.0 <= aware.predict_ratio(resnet, p3, "params") <= 3.03
+
+
+def _synthetic(noise: int | None = None):
+    """A latency table from given numbers: 1 us + 1 us per 1000 MACs (at the input resolution),
+    half that per MAC for the layers reading 28x28 maps; with `noise` (a seed), every entry
+    scaled by up to +-35% at random, as a fresh measurement on a loaded machine might be."""
+    rng = np.random.default_rng(noise)
+
+    def measure(spec, cin, cout):
+        h = spec["spatial"][0] if spec["spatial"] else 1
+        k = spec["cfg"].get("kernel_size") or (1, 1)
+        ms = (1.0 + h * h * k[0] * k[1] * cin * cout * 1e-6) * (0.5 if h >= 28 else 1.0)
+        return {f"b{b}_t{t}": ms * (1.0 if noise is None else float(np.exp(rng.uniform(-0.3, 0.3))))
+                for b, t in ((1, 1), (32, 1))}
+    return measure
+
+
+@pytest.mark.parametrize("noise", [None, *range(5)])
+def test_latency_aware_projection_stays_on_the_tile_grid_whatever_the_table_says(resnet, noise):
+    """With the table above (noise None) the exchange used to settle 4% past the FLOPs target
+    (its repair accepted up to 5%), where no tile step fits; the top-up then finished with single
+    channels and kept 17 of s2b1_conv2's 32. Candidates now end within the projection's 1%."""
+    lr, plain = learner(), learner(latency_aware=False)
+    g = lr.graph(resnet)
+    table = LatencyTable(resnet, g, side_counts(g, 1, 32, 0.1), measure=_synthetic(noise))
+    assert list(table.layers) == [n for n in g.order if type(resnet.get_layer(n)).__name__ in ("Conv2D", "Dense")]
+    lr._tables[id(resnet)] = (resnet, table)  # the learner uses this table, nothing is measured
+    start = {f"ratio/{gr.name}": 1.0 for gr in g.prunable}
+    for metric, target in (("flops", 2.0), ("params", 3.0), ("flops", 3.0)):
+        p, p_plain = lr.project(resnet, start, metric, target), plain.project(resnet, start, metric, target)
+        counts, r = lr._counts(g, p), lr.predict_ratio(resnet, p, metric)
+        assert target <= r <= target * 1.01, (metric, target, r)
+        assert not [k for k in p if k.startswith(COUNT)], p
+        for gr in g.prunable:
+            assert counts[gr.id] in allowed_counts(gr.size, 1, 32) and counts[gr.id] >= 0.1 * gr.size, (gr.name, counts)
+        # never worse than the plain projection by the table's own measure (latency per MAC kept)
+        r_plain = plain.predict_ratio(resnet, p_plain, metric)
+        assert table.cost(counts) * r <= table.cost(plain._counts(g, p_plain)) * r_plain * (1 + 1e-9)
+    if noise is None:  # the exchange did move channels here (the case that went off the grid), and it pays
+        p, p_plain = lr.project(resnet, start, "flops", 2.0), plain.project(resnet, start, "flops", 2.0)
+        assert lr._counts(g, p) != plain._counts(g, p_plain)
+        eff = {n: table.cost(x._counts(g, q)) * x.predict_ratio(resnet, q, "flops")
+               for n, x, q in (("aware", lr, p), ("plain", plain, p_plain))}
+        assert eff["aware"] < 0.95 * eff["plain"], eff
+
+
+def test_params_carry_exact_counts_only_off_the_grid(resnet):
+    """A top-up that grows an off-grid count onto the grid drops its old `count/` entry (which
+    would otherwise override the new count)."""
+    lr = learner()
+    g = lr.graph(resnet)
+    full = {gr.id: gr.size for gr in g.prunable}
+    gr = g.group("s2b1_conv2")
+    p = to_params(g, {COUNT + gr.name: 17, "other": 1}, {**full, gr.id: 16}, 1, 32)
+    assert COUNT + gr.name not in p and p["other"] == 1 and lr._counts(g, p) == {**full, gr.id: 16}
+    p = to_params(g, {}, {**full, gr.id: 17}, 1, 32)
+    assert p[COUNT + gr.name] == 17 and lr._counts(g, p) == {**full, gr.id: 17}
 
 
 def _fastest(blobs: dict, rounds: int = 5, batch: int = 32) -> dict:

@@ -44,6 +44,19 @@ def next_count(count: int, size: int, multiple: int, tile: int) -> int | None:
     return int(above[0]) if len(above) else None
 
 
+def to_params(g, params: dict, counts: dict, m: int, t: int) -> dict:
+    """`params` holding `counts`: a `ratio/` entry per prunable group, and an exact `count/` entry
+    only for a count its ratio does not give back (one off the grid). Earlier `count/` entries
+    go: a stale one would override the count written here."""
+    out = {k: v for k, v in params.items() if not k.startswith(COUNT)}
+    for gr in g.prunable:
+        k = int(counts[gr.id])
+        out[PREFIX + gr.name] = k / gr.size
+        if channels(k / gr.size, gr.size, m, t) != k:
+            out[COUNT + gr.name] = k
+    return out
+
+
 def top_k(scores: np.ndarray, k: int, tie: np.ndarray | None = None) -> np.ndarray:
     """Sorted indices of the `k` largest scores (ties broken by `tie`, then by index)."""
     tie = np.zeros_like(scores) if tie is None else tie
@@ -70,15 +83,13 @@ def greedy(g, counts: dict, cost, base, ratio: float, m: int, t: int) -> dict:
 def top_up(g, params: dict, counts: dict, cost, base, ratio: float, m: int, t: int, tol: float = 0.01) -> dict:
     """`params` with the counts grown greedily on the tile grid; if tile-sized steps cannot get
     within `tol` of the target, finished with single steps of `m` (a few groups then leave the
-    tile grid and get exact `count/` entries; the target comes first)."""
+    tile grid and get exact `count/` entries; the target comes first). That fallback is for grids
+    too coarse for the target (all groups wide, e.g. VGG-small); the latency-aware exchange hands
+    over points already within `tol` on the grid, so it never leads here."""
     counts = greedy(g, counts, cost, base, ratio, m, t)
-    out = {**params, **{PREFIX + gr.name: counts[gr.id] / gr.size for gr in g.prunable}}
     if t and base / max(1, cost(counts)) > ratio * (1 + tol):
-        fine = greedy(g, counts, cost, base, ratio, m, 0)
-        out.update({COUNT + gr.name: fine[gr.id] for gr in g.prunable
-                    if fine[gr.id] not in allowed_counts(gr.size, m, t)})
-        out.update({PREFIX + gr.name: fine[gr.id] / gr.size for gr in g.prunable})
-    return out
+        counts = greedy(g, counts, cost, base, ratio, m, 0)
+    return to_params(g, params, counts, m, t)
 
 
 def top_up_latency(g, params: dict, counts: dict, speedup, ratio: float, m: int, t: int, budget: int = 16) -> dict:
@@ -107,4 +118,4 @@ def top_up_latency(g, params: dict, counts: dict, speedup, ratio: float, m: int,
                 break
         else:
             break
-    return {**params, **{PREFIX + gr.name: counts[gr.id] / gr.size for gr in g.prunable}}
+    return to_params(g, params, counts, m, t)

@@ -9,6 +9,10 @@ allowed count within `width` (in preserve ratio) of its ratio on the projection'
 to another count, then restore the target greedily (`Exchange.repair`: most predicted latency
 per MAC removed first, or least added back), score by predicted latency / MACs kept (the
 latency-to-FLOPs speedup ratio), keep the best while it improves by 0.2%.
+
+Every candidate is on the tile grid and within the projection's tolerance of the target, so
+the projection's top-up after the exchange never needs its off-grid fallback: which point the
+measured table prefers decides where the channels go, never whether they leave the grid.
 """
 from __future__ import annotations
 
@@ -38,11 +42,15 @@ def region(groups, center: dict, m: int, t: int, width: float, lo: float, max_co
 
 
 class Exchange:
-    """The search over `region` at one target: `base / cost(counts) >= ratio` must hold."""
+    """The search over `region` at one target: `base / cost(counts) >= ratio` must hold, and a
+    candidate counts only within `tol` of it (`ratio * (1 + tol)`, the projection's tolerance).
+    `grid` (group id -> every allowed count, ascending) holds the steps that may finish a repair
+    the region's steps cannot: without them a candidate could rest up to a few % past the target."""
 
-    def __init__(self, groups, region: dict, cost, base: float, ratio: float, table, slack: float = 0.05):
+    def __init__(self, groups, region: dict, cost, base: float, ratio: float, table, grid: dict,
+                 tol: float = 0.01):
         self.groups, self.region, self._raw, self.base, self.ratio = groups, region, cost, base, ratio
-        self.table, self.slack, self._memo = table, slack, {}
+        self.table, self.grid, self.tol, self._memo = table, grid, tol, {}
 
     def cost(self, c: dict) -> float:
         key = tuple(sorted(c.items()))
@@ -57,9 +65,14 @@ class Exchange:
         """Predicted latency per MAC (or param) kept: lower is better."""
         return self.table.cost(c) * self.base / max(1, self.cost(c))
 
-    def step(self, c: dict, gid: int, d: int) -> int | None:
-        """The count `d` region steps from group `gid`'s current one, or None past either end."""
-        reg = self.region[gid]
+    def close(self, c: dict) -> bool:
+        """Meets the target and is within `tol` of it."""
+        return self.meets(c) and self.base / max(1, self.cost(c)) <= self.ratio * (1 + self.tol)
+
+    def step(self, c: dict, gid: int, d: int, counts: dict | None = None) -> int | None:
+        """The count `d` steps of `counts` (default: the region) from group `gid`'s current one,
+        or None past either end."""
+        reg = (self.region if counts is None else counts)[gid]
         i = int(np.searchsorted(reg, c[gid])) + d
         return int(reg[i]) if 0 <= i < len(reg) and reg[i] != c[gid] else None
 
@@ -80,13 +93,14 @@ class Exchange:
             c = best[1]
         return c
 
-    def _up(self, c: dict, fixed) -> dict:
-        """Steps up, least predicted latency per cost added first, while the target still holds."""
+    def _up(self, c: dict, fixed, counts: dict | None = None) -> dict:
+        """Steps up (of `counts`, default the region), least predicted latency per cost added
+        first, while the target still holds, until within `tol` of it."""
         t = self.table
-        while self.base / max(1, self.cost(c)) > self.ratio * (1 + self.slack / 5):
+        while self.base / max(1, self.cost(c)) > self.ratio * (1 + self.tol):
             best = None
             for gr in self.groups:
-                up = None if gr.id == fixed else self.step(c, gr.id, +1)
+                up = None if gr.id == fixed else self.step(c, gr.id, +1, counts)
                 if up is not None:
                     trial = {**c, gr.id: up}
                     if self.meets(trial):
@@ -104,7 +118,9 @@ class Exchange:
         if c is None:
             return None
         c = self._up(c, fixed)
-        return c if self.base / max(1, self.cost(c)) <= self.ratio * (1 + self.slack) else None
+        if not self.close(c):  # the region's steps stop short: finish on the whole grid
+            c = self._up(c, fixed, self.grid)
+        return c if self.close(c) else None
 
     def _best_move(self, counts: dict):
         best = None
@@ -113,7 +129,7 @@ class Exchange:
                 if k == counts[gr.id]:
                     continue
                 trial = self.repair({**counts, gr.id: int(k)}, gr.id)
-                if trial is not None and self.meets(trial):
+                if trial is not None:
                     sc = self.score(trial)
                     if best is None or sc < best[0]:
                         best = (sc, trial)

@@ -146,30 +146,28 @@ class ChannelPruning(Learner):
         if metric == "latency":
             out = self._top_up_latency(model, out, ratio)
         else:
-            out = self._top_up(model, out, metric, ratio)
+            out = self._top_up(model, out, metric, ratio, tol)
             if self.cfg["latency_aware"] and self.cfg["exchange_range"] > 0:
-                out = self._top_up(model, self._exchange(model, out, center, metric, ratio), metric, ratio)
+                out = self._exchange(model, out, center, metric, ratio, tol)
+                out = self._top_up(model, out, metric, ratio, tol)
         return {k: (min(1.0, v) if k.startswith(PREFIX) else v) for k, v in out.items()}
 
     def _cost(self, g: ChannelGraph, metric: str):
         return (g.macs, g.base_macs) if metric == "flops" else (g.params, g.base_params)
 
-    def _top_up(self, model, params: dict, metric: str, ratio: float) -> dict:
+    def _top_up(self, model, params: dict, metric: str, ratio: float, tol: float) -> dict:
         g = self.graph(model)
-        return C.top_up(g, params, self._counts(g, params), *self._cost(g, metric), ratio, *self._grid())
+        return C.top_up(g, params, self._counts(g, params), *self._cost(g, metric), ratio, *self._grid(), tol)
 
-    def _exchange(self, model, params: dict, center: dict, metric: str, ratio: float) -> dict:
-        """`params` re-rounded by the latency-aware exchange (channel_pruning.exchange)."""
+    def _exchange(self, model, params: dict, center: dict, metric: str, ratio: float, tol: float) -> dict:
+        """`params` re-rounded by the latency-aware exchange (channel_pruning.exchange): on the
+        grid and within `tol` of the target, so the top-up after it stays on the grid."""
         g = self.graph(model)
         (m, t), groups = self._grid(), g.prunable
         reg = region(groups, center, m, t, float(self.cfg["exchange_range"]), float(self.cfg["ratio_range"][0]))
-        counts = Exchange(groups, reg, *self._cost(g, metric), ratio, self.latency_table(model)).search(
-            self._counts(g, params))
-        out = {k: v for k, v in params.items() if not k.startswith(COUNT)}
-        out.update({PREFIX + gr.name: counts[gr.id] / gr.size for gr in groups})
-        out.update({COUNT + gr.name: counts[gr.id] for gr in groups
-                    if channels(counts[gr.id] / gr.size, gr.size, m, t) != counts[gr.id]})
-        return out
+        grid = {gr.id: C.allowed_counts(gr.size, m, t) for gr in groups}
+        ex = Exchange(groups, reg, *self._cost(g, metric), ratio, self.latency_table(model), grid, tol)
+        return C.to_params(g, params, ex.search(self._counts(g, params)), m, t)
 
     def _top_up_latency(self, model, params: dict, ratio: float) -> dict:
         g = self.graph(model)
