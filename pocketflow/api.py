@@ -6,9 +6,6 @@
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +24,33 @@ class RunContext:
     learner: object
     resume: bool = False
     baseline: dict = field(default_factory=dict)
+    rundir: object = None  # pocketflow.rundir.RunDir: locked until close()
 
     @property
     def target(self) -> dict:
         return self.cfg["target"]
+
+    def close(self, ok: bool) -> None:
+        """End the run: a finished one (`ok`) replaces a --force'd old run, a failed one puts it back;
+        the run directory's lock is released either way. `compress` calls it; idempotent."""
+        if self.rundir is None:
+            return
+        try:
+            if ok:
+                from pocketflow.faults import crash_point
+                crash_point("run_finished")  # best/ swapped in, a --force'd old run not yet deleted
+                self.rundir.commit()
+            else:
+                self.rundir.abort()
+        finally:
+            self.rundir.release()
+            self.rundir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(ok=exc_type is None)
 
 
 @dataclass
@@ -55,39 +75,21 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def prepare_run_dir(cfg: Config, output: str | None, resume: bool, force: bool) -> Path:
+def open_run_dir(cfg: Config, output: str | None, resume: bool, force: bool):
+    """Check and lock the run directory (rank 0; other ranks get rank 0's refusal too)."""
     from pocketflow.distributed import world
-    base = Path(output or cfg["output"]["dir"])
-    run_dir = base / cfg["name"]
-    if not world().is_root:
-        return run_dir
+    from pocketflow.rundir import RunDir
+    w = world()
+    run = RunDir(Path(output or cfg["output"]["dir"]) / cfg["name"], resume, force, owner=w.is_root)
+    error = None
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=base, prefix=".write-test.", delete=True)
-        probe.close()
-    except OSError as e:
-        raise PocketFlowError(f"output directory {base} is not writable ({e.strerror})") from None
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if force:
-            shutil.rmtree(run_dir)
-        elif not resume:
-            raise PocketFlowError(f"run directory {run_dir} already exists; use --resume to continue it "
-                                  "or --force to start over")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recover_run_dir(run_dir)
-    return run_dir
-
-
-def recover_run_dir(run_dir: Path) -> None:
-    """Undo what a killed process left half-done: staging dirs, a best/ swapped out but not in."""
-    best, old = run_dir / "best", run_dir / ".best.old"
-    if not best.exists() and old.exists():
-        os.replace(old, best)
-    for p in run_dir.glob(".best.*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for pattern in (".*.tmp", ".*.keras"):  # temp files of pocketflow.io's atomic writes
-        for p in run_dir.rglob(pattern):
-            p.unlink(missing_ok=True)
+        run.open()
+    except PocketFlowError as e:
+        error = e
+    message = w.broadcast_object(None if error is None else str(error))
+    if message is not None:
+        raise error if error is not None else PocketFlowError(message)
+    return run
 
 
 def load_data_and_model(cfg: Config):
@@ -98,57 +100,89 @@ def load_data_and_model(cfg: Config):
     return data, model, pretrained
 
 
-def train_baseline(model, data, cfg: Config, run_dir: Path | None = None, resume: bool = False):
-    """Train a float model from scratch (zoo models); reuses a finished baseline on --resume."""
+def reuse_baseline(model, run_dir: Path) -> bool:
+    """--resume: load the run's finished baseline into `model` (False if it has none yet). A
+    baseline of another model or data shape is refused in one line, before anything is written."""
+    import keras
+    done = run_dir / "baseline" / "model.keras"
+    if not done.exists():
+        return False
+    try:
+        model.set_weights(keras.saving.load_model(done, compile=False).get_weights())
+    except ValueError:  # the run was started with another model or image shape
+        raise PocketFlowError(f"--resume: the baseline in {done.parent} was trained for another model or "
+                              "data shape than this config gives; use --force to start over") from None
+    _log(f"baseline: reusing {done}")
+    return True
+
+
+def train_baseline(model, data, cfg: Config, run_dir: Path | None = None):
+    """Train a float model from scratch (zoo models), saved as the run's baseline."""
     import keras
 
     from pocketflow.distributed import world
     from pocketflow.io import atomic_save_model
     from pocketflow.training import Trainer
-    done = run_dir / "baseline" / "model.keras" if run_dir else None
-    if resume and done is not None and done.exists():
-        _log(f"baseline: reusing {done}")
-        model.set_weights(keras.saving.load_model(done, compile=False).get_weights())
-        return model
     _log(f"baseline: training {model.name} for {cfg['train']['epochs']} epochs")
     keras.utils.set_random_seed(cfg["seed"])
     Trainer(model, data, cfg["train"], seed=cfg["seed"],
             log_dir=(run_dir / "logs" / "baseline") if run_dir else None).fit()
-    if done is not None and world().is_root:
-        atomic_save_model(model, done)
+    if run_dir is not None and world().is_root:
+        atomic_save_model(model, run_dir / "baseline" / "model.keras")
     return model
 
 
 def setup(config, overrides=(), target_ratio=None, output=None, resume=False, force=False,
           **sections) -> RunContext:
-    """Validate the config, load data and model, train the baseline if needed, build the learner."""
+    """Check everything (config, run directory, data, model, learner, target), and only then start
+    writing the run: nothing in the run directory changes for a run that is refused.
+
+    The returned context holds the run directory's lock: `ctx.close(ok)` (or `with setup(...) as
+    ctx:`) ends the run; `compress` does it for you."""
     import keras
 
-    from pocketflow import metrics as M
-    from pocketflow.io import atomic_write_text
+    from pocketflow.checks import check_inputs
     from pocketflow.learners import LEARNERS
     cfg = _as_config(config, overrides, target_ratio, **sections)
     for note in cfg.notes:
         _log(note)
     keras.utils.set_random_seed(cfg["seed"])
-    run_dir = prepare_run_dir(cfg, output, resume, force)
-    data, model, pretrained = load_data_and_model(cfg)
-    learner = LEARNERS.get(cfg["learner"]["name"])(cfg["learner"], seed=cfg["seed"])
-    learner.check(model)
-    learner.check_target(model, cfg["target"]["metric"], cfg["target"]["ratio"])
+    run = open_run_dir(cfg, output, resume, force)
+    ctx = RunContext(cfg=cfg, run_dir=run.path, data=None, model=None, learner=None, resume=resume, rundir=run)
+    try:
+        ctx.data, ctx.model, pretrained = load_data_and_model(cfg)
+        check_inputs(cfg, ctx.data, ctx.model)  # before the learner looks at the model
+        ctx.learner = LEARNERS.get(cfg["learner"]["name"])(cfg["learner"], seed=cfg["seed"])
+        ctx.learner.check(ctx.model)
+        ctx.learner.check_target(ctx.model, cfg["target"]["metric"], cfg["target"]["ratio"])
+        reused = not pretrained and resume and reuse_baseline(ctx.model, ctx.run_dir)
+        _start_writing(ctx)
+        if not (pretrained or reused):
+            train_baseline(ctx.model, ctx.data, cfg, ctx.run_dir)
+        ctx.baseline = _baseline(ctx.model, ctx.data)
+    except BaseException:
+        ctx.close(ok=False)
+        raise
+    return ctx
+
+
+def _start_writing(ctx: RunContext) -> None:
     from pocketflow.distributed import world
+    from pocketflow.io import atomic_write_text
     if world().is_root:
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    if not pretrained:
-        train_baseline(model, data, cfg, run_dir, resume)
+        ctx.rundir.begin()  # --force: the old run is moved aside here, not deleted
+        atomic_write_text(ctx.run_dir / "config.yaml", ctx.cfg.to_yaml())
+
+
+def _baseline(model, data) -> dict:
+    from pocketflow import metrics as M
     baseline = {"val_accuracy": M.accuracy(model, data.x_val, data.y_val) if len(data.x_val) else None,
                 "test_accuracy": M.accuracy(model, data.x_test, data.y_test),
                 "params": M.count_params(model), "macs": M.count_macs(model),
                 "float_bytes": M.float_bytes(model)}
     _log(f"baseline: test accuracy {baseline['test_accuracy']:.4f}, {baseline['params']:,} params, "
          f"{baseline['macs']:,} MACs")
-    return RunContext(cfg=cfg, run_dir=run_dir, data=data, model=model, learner=learner,
-                      resume=resume, baseline=baseline)
+    return baseline
 
 
 def default_point(ctx: RunContext) -> dict:
@@ -166,7 +200,7 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
     from pocketflow.distributed import world
     from pocketflow.export import export_model
     from pocketflow.faults import crash_point
-    from pocketflow.io import atomic_replace_dir, atomic_write_json
+    from pocketflow.io import atomic_replace_dir, atomic_write_json, make_temp_dir
     from pocketflow.learners import Budget
     cfg, learner = ctx.cfg, ctx.learner
     ft = cfg["learner"]["fine_tune"]
@@ -185,7 +219,7 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
         metrics["search"] = search_summary
     best = ctx.run_dir / "best"
     if world().is_root:
-        staging = Path(tempfile.mkdtemp(dir=ctx.run_dir, prefix=".best."))
+        staging = make_temp_dir(ctx.run_dir, ".best.")
         exp = cfg["export"]
         files = export_model(comp.deploy, staging, exp["formats"], exp["quantize"] or learner.export_quantize, ctx.data, exp["verify"], weight_scales=exp["weight_scales"])
         files["files"].update(learner.export_extra(comp, staging))
@@ -207,12 +241,12 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
 def compress(config, overrides=(), target_ratio=None, output=None, resume=False, force=False,
              **sections) -> RunResult:
     """Run PocketFlow end to end: baseline, (search,) compress, fine-tune, export."""
-    ctx = setup(config, overrides, target_ratio, output, resume, force, **sections)
-    if ctx.cfg["search"]["optimizer"] == "none":
-        return finalize(ctx, default_point(ctx))
-    from pocketflow.hpo.search import run_search
-    params, summary = run_search(ctx)
-    return finalize(ctx, params, summary)
+    with setup(config, overrides, target_ratio, output, resume, force, **sections) as ctx:
+        if ctx.cfg["search"]["optimizer"] == "none":
+            return finalize(ctx, default_point(ctx))
+        from pocketflow.hpo.search import run_search
+        params, summary = run_search(ctx)
+        return finalize(ctx, params, summary)
 
 
 def train(config, overrides=(), output=None, force=False, resume=False, **sections) -> RunResult:
@@ -222,19 +256,100 @@ def train(config, overrides=(), output=None, force=False, resume=False, **sectio
     return compress(config, overrides, output=output, force=force, resume=resume, **sections)
 
 
-def evaluate(model_path, data: dict | None = None) -> dict:
-    """Accuracy of a `.keras` or `.tflite` model on a dataset's test split."""
-    from pocketflow import metrics as M
-    from pocketflow.data import load_dataset
-    from pocketflow.zoo import load_keras_file
-    data = load_dataset(data or {"name": "fashion_mnist", "val_split": 0.0})
+def _model_file(model_path) -> Path:
+    """A model path as given, or a run directory's best/model.keras."""
     p = Path(model_path)
+    if not p.is_dir():
+        return p
+    if not (p / "best" / "model.keras").is_file():
+        raise PocketFlowError(f"{p}: no best/model.keras in this directory (not a finished run)")
+    return p / "best" / "model.keras"
+
+
+def _dataset_for(model: Path, data: dict | None, need: bool):
+    """`data` if given; else, for a model inside a run directory, that run's data (its config.yaml);
+    else a one-line refusal when `need`, None otherwise."""
+    from pocketflow.data import load_dataset
+    from pocketflow.rundir import find_run_dir
+    if data is not None:
+        return load_dataset(data)
+    run = find_run_dir(model)
+    if run is None:
+        if need:
+            raise PocketFlowError(f"{model} is not inside a run directory, so its data is unknown: pass --data "
+                                  "(a dataset name or .npz file)")
+        return None
+    saved = _saved_config(run / "config.yaml")
+    return load_dataset(saved["data"], seed=saved.get("seed", 0))
+
+
+def _saved_config(path: Path) -> dict:
+    """A run's config.yaml as written (complete and validated when the run started)."""
+    import yaml
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise PocketFlowError(f"{path}: cannot read the run's config ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
+        raise PocketFlowError(f"{path}: not a PocketFlow run config (no data section)")
+    return saved
+
+
+def evaluate(model_path, data: dict | None = None, unsafe_load: bool = False) -> dict:
+    """Accuracy of a `.keras` or `.tflite` model on a dataset's test split (default: a run's own
+    data, for a model inside a run directory)."""
+    from pocketflow import metrics as M
+    from pocketflow.zoo import load_keras_file
+    p = _model_file(model_path)
+    if not p.is_file():
+        raise PocketFlowError(f"model file not found: {p}")
+    data = _dataset_for(p, data, need=True)
     if p.suffix == ".tflite":
-        if not p.is_file():
-            raise PocketFlowError(f"model file not found: {p}")
         return {"test_accuracy": M.tflite_accuracy(p.read_bytes(), data.x_test, data.y_test)}
-    model = load_keras_file(p)
+    model = load_keras_file(p, unsafe_load)
     return {"test_accuracy": M.accuracy(model, data.x_test, data.y_test)}
+
+
+def export(model_path, formats=("tflite",), quantize: str | None = None, data: dict | None = None,
+           output=None, weight_scales: str = "auto", unsafe_load: bool = False) -> dict:
+    """Export a run's best model or a `.keras` file (default: next to it). Into a run's own best/,
+    the files and best/metrics.json are replaced together (one rename, under the run's lock), so
+    metrics.json always describes the files on disk."""
+    from pocketflow.export import export_model
+    from pocketflow.rundir import editing_best, find_run_dir, locked
+    from pocketflow.zoo import load_keras_file
+    src = _model_file(model_path)
+    model = load_keras_file(src, unsafe_load)
+    ds = _dataset_for(src, data, need=False)
+    if quantize == "int8" and ds is None:
+        raise PocketFlowError("--quantize int8 needs --data (calibration images from its training split)")
+    out = Path(output) if output else src.parent
+    kw = {"formats": tuple(formats), "quantize": quantize, "data": ds, "verify": ds is not None,
+          "stem": src.stem, "weight_scales": weight_scales}
+    run = find_run_dir(src)
+    best = run / "best" if run is not None else None
+    if best is None or not (best / "metrics.json").is_file() or out.resolve() != best.resolve():
+        return export_model(model, out, **kw)
+    with locked(run), editing_best(run) as staging:
+        res = export_model(model, staging, **kw)
+        _describe_exports(staging / "metrics.json", res["files"], best)
+    return res
+
+
+def _describe_exports(metrics_path: Path, files: dict, best: Path) -> None:
+    """Record freshly written files in metrics.json (sizes, checks) with their final paths."""
+    import json
+
+    from pocketflow.io import atomic_write_json
+    metrics = json.loads(metrics_path.read_text())
+    exports = metrics.setdefault("exports", {})
+    for key, entry in files.items():
+        entry["path"] = str(best / Path(entry["path"]).name)
+        exports[key] = entry
+    for entry in exports.values():  # where they are now (the run directory may have been moved)
+        if "path" in entry and (metrics_path.parent / Path(entry["path"]).name).exists():
+            entry["path"] = str(best / Path(entry["path"]).name)
+    atomic_write_json(metrics_path, metrics)
 
 
 def best(run_dir) -> dict:

@@ -11,8 +11,17 @@ import signal
 import sys
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("pocketflow")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pocketflow", description="Automated model compression for Keras 3.")
+    p.add_argument("--version", action="version", version=f"pocketflow {_version()}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -24,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--output", help="parent directory of the run (default: output.dir)")
         g = s.add_mutually_exclusive_group()
         g.add_argument("--resume", action="store_true", help="continue an existing run directory")
-        g.add_argument("--force", action="store_true", help="delete an existing run directory first")
+        g.add_argument("--force", action="store_true",
+                       help="replace an existing run directory (the old one is kept until the new run finishes)")
         s.add_argument("--unsafe-load", action="store_true", help="allow .keras files with Python code")
         return s
 
@@ -33,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run_like("train", "train and export a float baseline")
 
     e = sub.add_parser("evaluate", help="test accuracy of a .keras or .tflite model")
-    e.add_argument("model")
-    e.add_argument("--data", default="fashion_mnist", help="dataset name or .npz path")
+    e.add_argument("model", help=".keras or .tflite file, or a run directory")
+    e.add_argument("--data", default=None,
+                   help="dataset name or .npz path (default: the run's own data, for a model inside a run directory)")
     e.add_argument("--unsafe-load", action="store_true")
 
     i = sub.add_parser("inspect", help="per-layer type, output shape, params and MACs")
@@ -50,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--quantize", choices=("int8", "dynamic", "float16"))
     x.add_argument("--weight-scales", default="auto", choices=("auto", "per_channel", "per_tensor", "per_tensor_dense"),
                    help="int8 weight scales (auto: per tensor where the weights sit on one grid)")
-    x.add_argument("--data", default=None, help="dataset for int8 calibration and verification")
+    x.add_argument("--data", default=None, help="dataset for int8 calibration and verification "
+                   "(default: the run's own data, for a model inside a run directory)")
     x.add_argument("--output", default=None, help="directory (default: next to the model)")
     x.add_argument("--unsafe-load", action="store_true")
 
@@ -95,29 +107,15 @@ def _cmd_inspect(args):
 
 def _cmd_evaluate(args):
     from pocketflow import api
-    res = api.evaluate(args.model, _data_cfg(args.data))
+    res = api.evaluate(args.model, _data_cfg(args.data), unsafe_load=args.unsafe_load)
     print(f"test accuracy: {res['test_accuracy']:.4f}")
     return 0
 
 
 def _cmd_export(args):
-    from pathlib import Path
-
-    from pocketflow.data import load_dataset
-    from pocketflow.errors import PocketFlowError
-    from pocketflow.export import export_model
-    from pocketflow.zoo import load_keras_file
-    src = Path(args.model)
-    if src.is_dir():
-        src = src / "best" / "model.keras"
-        if not src.is_file():
-            raise PocketFlowError(f"{args.model}: no best/model.keras in this run directory")
-    model = load_keras_file(src, args.unsafe_load)
-    data = load_dataset(_data_cfg(args.data)) if args.data else None
-    if args.quantize == "int8" and data is None:
-        raise PocketFlowError("--quantize int8 needs --data (calibration images from its training split)")
-    res = export_model(model, Path(args.output or src.parent), tuple(args.format or ("tflite",)),
-                       args.quantize, data, verify=data is not None, stem=src.stem, weight_scales=args.weight_scales)
+    from pocketflow import api
+    res = api.export(args.model, args.format or ("tflite",), args.quantize, _data_cfg(args.data), args.output,
+                     args.weight_scales, args.unsafe_load)
     for k, v in res["files"].items():
         extra = f", {v['bytes']:,} bytes" if "bytes" in v else ""
         acc = f", test accuracy {v['test_accuracy']:.4f}" if "test_accuracy" in v else ""
@@ -142,22 +140,28 @@ COMMANDS = {"run": _cmd_run, "train": lambda a: _cmd_run(a, train_only=True), "i
             "evaluate": _cmd_evaluate, "export": _cmd_export, "best": _cmd_best}
 
 
+def _stop_signals() -> None:
+    """SIGINT and SIGTERM stop a run like Ctrl-C: the running trial is marked, files stay whole.
+    SIGINT is restored even when inherited as ignored (a job started with `&` from a script)."""
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _term)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    _stop_signals()
     if args.debug:
         os.environ["POCKETFLOW_DEBUG"] = "1"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from pocketflow.io import quiet_stderr
-    with quiet_stderr():  # TensorFlow's import-time CUDA probe noise
-        import tensorflow as tf
-        tf.config.list_physical_devices("GPU")  # triggers cuInit, which logs on machines without GPUs
     from pocketflow.errors import PocketFlowError
-
-    def _term(signum, frame):  # SIGTERM stops like Ctrl-C: the running trial is marked, files stay whole
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, _term)
+    from pocketflow.io import quiet_stderr
     try:
+        with quiet_stderr():  # TensorFlow's import-time CUDA probe noise
+            import tensorflow as tf
+            tf.config.list_physical_devices("GPU")  # triggers cuInit, which logs on machines without GPUs
         return COMMANDS[args.command](args)
     except PocketFlowError as e:
         if args.debug:

@@ -16,21 +16,21 @@ import yaml
 from pocketflow.errors import ConfigError, PocketFlowError
 from pocketflow.plugins import import_modules
 from pocketflow.registry import did_you_mean
-from pocketflow.schema import (DISTILL, TRAIN, Field, check_value, in_unit,  # noqa: F401
-                               non_negative, positive, validate_section)
+from pocketflow.schema import (DISTILL, TRAIN, Field, check_value, image_size, in_unit,  # noqa: F401
+                               non_negative, plain_name, positive, validate_section)
 
 SCHEMA: dict[str, Field] = {
-    "name": Field(str, "run", help="run name: output goes to <output.dir>/<name>"),
-    "seed": Field(int, 0),
+    "name": Field(str, "run", check=plain_name, help="run name: output goes to <output.dir>/<name>"),
+    "seed": Field(int, 0, check=non_negative),
     "plugins": Field(list, [], help="modules imported before validation: they register learners or optimizers"),
     "data": Field(schema={
         "name": Field((str, type(None)), None, help="mnist | fashion_mnist | cifar10 | cifar100 | npz | directory"),
         "path": Field((str, type(None)), None, help=".npz file or image directory"),
         "val_split": Field(float, 0.1, check=in_unit),
         "augment": Field(bool, False, help="random 2-pixel shift + horizontal flip"),
-        "limit_train": Field((int, type(None)), None, help="use only the first N training images"),
-        "limit_test": Field((int, type(None)), None),
-        "image_size": Field((list, type(None)), None, help="[h, w] for image directories"),
+        "limit_train": Field((int, type(None)), None, check=positive, help="use only the first N training images"),
+        "limit_test": Field((int, type(None)), None, check=positive),
+        "image_size": Field((list, type(None)), None, check=image_size, help="[h, w] for image directories"),
     }),
     "model": Field(schema={
         "name": Field((str, type(None)), None, help="zoo name, a .keras path or module:function"),
@@ -57,10 +57,10 @@ SCHEMA: dict[str, Field] = {
         "study_name": Field((str, type(None)), None),
         "pruner": Field(str, "median", choices=("none", "median", "halving")),
         "trial_epochs": Field((int, float), 1, check=positive),
-        "trial_steps": Field((int, type(None)), None),
+        "trial_steps": Field((int, type(None)), None, check=positive),
         "fix": Field(dict, {}, open=True, help="dimension -> fixed value"),
         "space": Field(dict, {}, open=True, help="dimension -> [low, high] or list of choices"),
-        "timeout": Field((int, float, type(None)), None, help="seconds"),
+        "timeout": Field((int, float, type(None)), None, check=positive, help="seconds"),
     }),
     "export": Field(schema={
         "formats": Field(list, ["keras", "tflite"]),
@@ -117,8 +117,11 @@ class Config:
         return self.data.get(key, default)
 
     def to_yaml(self) -> str:
-        from pocketflow.io import to_builtin
-        return yaml.safe_dump(to_builtin(self.data), sort_keys=False)
+        """The resolved config as YAML (the run's config.yaml); a storage password is masked."""
+        from pocketflow.io import redact_url, to_builtin
+        data = to_builtin(self.data)
+        data["search"]["storage"] = redact_url(data["search"]["storage"])
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def read_yaml(path) -> dict:
@@ -167,6 +170,7 @@ def load_config(source=None, overrides=(), target_ratio=None, **sections) -> Con
     notes = _resolve_learner(raw)
     data = validate_section(raw, SCHEMA, "", name)
     _validate_cross(data, name)
+    _refuse_ignored(raw, data, name)
     return Config(data=data, source=name, raw=raw, notes=notes)
 
 
@@ -209,6 +213,55 @@ def _validate_cross(d: dict, source: str) -> None:
         raise ConfigError(f"{source}: missing required key 'data.name' (or 'data.path')")
     if d["model"]["name"] is None:
         raise ConfigError(f"{source}: missing required key 'model.name'")
+
+
+SEARCH_ONLY = ("trials", "fix", "space", "pruner", "trial_epochs", "trial_steps", "timeout", "storage",
+               "study_name")
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
+
+def _given(raw: dict, section: str) -> dict:
+    """The keys the user wrote in a section (not the defaults)."""
+    sec = raw.get(section)
+    return sec if isinstance(sec, dict) else {}
+
+
+def _ignored_keys(raw: dict, d: dict) -> list[tuple[str, str]]:
+    """(key, why) for every key the user set that the resolved config would silently ignore."""
+    out = []
+    if d["search"]["optimizer"] == "none":
+        out += [(f"search.{k}", "with search.optimizer: none (one run at the learner's defaults); set "
+                 "search.optimizer to tpe, gp, random or grid, or remove it") for k in SEARCH_ONLY
+                # at its default a key says nothing (a run's own config.yaml lists every key)
+                if k in _given(raw, "search") and _given(raw, "search")[k] != SCHEMA["search"].schema[k].default]
+    data, given = d["data"], _given(raw, "data")
+    if data["name"] in KERAS_DATASETS and given.get("path") is not None:
+        out.append(("data.path", f"with data.name: {data['name']} (a named dataset); to read the file set "
+                    "data.name to npz or directory, or remove data.name"))
+    is_dir = data["name"] == "directory" or (data["name"] is None and Path(data["path"] or "").is_dir())
+    if given.get("image_size") is not None and not is_dir:
+        out.append(("data.image_size", "except for an image directory (data.name: directory); resize "
+                    "the arrays themselves"))
+    name = d["model"]["name"] or ""
+    if _given(raw, "model").get("args") and (name.endswith((".keras", ".h5")) or "/" in name):
+        out.append(("model.args", f"for a saved model file ({name}): they are arguments of zoo or "
+                    "module:function models; remove them"))
+    if d["export"]["quantize"] is not None and "tflite" not in d["export"]["formats"]:
+        out.append(("export.quantize", "without tflite in export.formats; add tflite or remove it"))
+    learner = d["learner"]
+    distill = _given(_given(raw, "learner"), "distill")
+    if learner["name"] not in ("distillation", "chain") and not learner["distill"]["enabled"]:
+        out += [(f"learner.distill.{k}", "unless learner.distill.enabled is true; enable it or remove it")
+                for k in ("temperature", "weight") if k in distill and distill[k] != DISTILL[k].default]
+    return out
+
+
+def _refuse_ignored(raw: dict, d: dict, source: str) -> None:
+    """A key that has no effect in the mode chosen is a mistake the user should hear of."""
+    found = _ignored_keys(raw, d)
+    if found:
+        key, why = found[0]
+        raise ConfigError(f"{source}: '{key}' has no effect {why}")
 
 
 def _unknown(key, value, choices, source):

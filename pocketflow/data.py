@@ -109,15 +109,77 @@ def load_directory(cfg):
     return (x[idx[:cut]], y[idx[:cut]]), (x[idx[cut:]], y[idx[cut:]])
 
 
-def _prepare(x: np.ndarray) -> np.ndarray:
+MAX_CLASSES = 100_000  # more class indices than this is a mistake (an ID column, a pixel value)
+
+
+def _flat_hint(n: int) -> str:
+    """The reshape a flat image vector of `n` values most likely came from."""
+    for c in (1, 3):
+        side = int(round((n / c) ** 0.5))
+        if side * side * c == n:
+            return f"x.reshape(-1, {side}, {side}, {c})"
+    return "x.reshape(-1, H, W, C)"
+
+
+def _prepare(x: np.ndarray, what: str = "images") -> np.ndarray:
+    """Images as float32 NHWC in [0, 1]; refuse, in one line naming the fix, what cannot be."""
     x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise PocketFlowError(f"{what} have dtype {x.dtype}; PocketFlow reads numeric images "
+                              "(uint8 0-255 or float 0-1): convert them with x.astype('float32')")
+    if x.ndim == 2:
+        raise PocketFlowError(f"{what} are flat vectors {x.shape}; PocketFlow needs images (N, H, W) "
+                              f"or (N, H, W, C): reshape them, e.g. {_flat_hint(x.shape[1])}")
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4:
-        raise PocketFlowError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+        raise PocketFlowError(f"{what} must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+    if x.dtype.kind == "f" and x.size and not np.isfinite(x).all():
+        raise PocketFlowError(f"{what} contain NaN or infinite values")
+    if x.dtype.kind in "iu" and x.max(initial=0) > 255:
+        raise PocketFlowError(f"{what} have integer values up to {x.max()}; integer images are read as "
+                              "0-255: scale them to uint8 or to float 0-1")
     if x.dtype == np.uint8 or x.max(initial=0) > 1.5:
         return (x.astype(np.float32) / 255.0)
     return x.astype(np.float32)
+
+
+def _labels(y, what: str = "labels") -> np.ndarray:
+    """Class indices as int32 (N,): a (N, 1) column is squeezed, one-hot rows become their argmax;
+    anything else that is not a non-negative whole number is refused rather than truncated."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "biuf":
+        raise PocketFlowError(f"{what} have dtype {y.dtype}; labels must be integer class indices")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    elif y.ndim == 2 and y.shape[1] > 1:
+        onehot = len(y) == 0 or (np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all())
+        if not onehot:
+            raise PocketFlowError(f"{what} are {y.shape} rows that are not one-hot; PocketFlow needs class "
+                                  "indices (N,): convert them with y.argmax(axis=1)")
+        y = y.argmax(axis=1)
+    elif y.ndim != 1:
+        raise PocketFlowError(f"{what} must be class indices of shape (N,), got shape {y.shape}")
+    if y.dtype.kind == "f":
+        bad = y[~(np.isfinite(y) & (y == np.round(y)))]
+        if bad.size:
+            raise PocketFlowError(f"{what} must be whole class indices, got {bad[0]!r}; "
+                                  "round or map them to 0..K-1")
+    if y.size and y.min() < 0:
+        raise PocketFlowError(f"{what} must be class indices 0..K-1, got {y.min()!r}")
+    if y.size and y.max() >= MAX_CLASSES:
+        raise PocketFlowError(f"{what} go up to {y.max()!r}: more than {MAX_CLASSES:,} classes, surely not "
+                              "class indices 0..K-1")
+    return y.astype(np.int32)
+
+
+def _split(x, y, split: str, where: str):
+    """(x, y) of one split, prepared and checked against each other."""
+    x, y = _prepare(x, f"{where}: x_{split}"), _labels(y, f"{where}: y_{split}")
+    if len(x) != len(y):
+        raise PocketFlowError(f"{where}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels; "
+                              "they must pair up one to one")
+    return x, y
 
 
 def load_dataset(cfg: dict, seed: int = 0) -> Dataset:
@@ -126,16 +188,20 @@ def load_dataset(cfg: dict, seed: int = 0) -> Dataset:
     if name is None:
         path = Path(cfg.get("path") or "")
         name = "directory" if path.is_dir() else "npz"
+    where = str(cfg.get("path")) if name in ("npz", "directory") else f"dataset '{name}'"
     (x_tr, y_tr), (x_te, y_te) = DATASETS.get(name)(cfg)
-    x_tr, x_te = _prepare(x_tr), _prepare(x_te)
-    y_tr = np.asarray(y_tr).reshape(-1).astype(np.int32)
-    y_te = np.asarray(y_te).reshape(-1).astype(np.int32)
-    if len(x_tr) != len(y_tr) or len(x_te) != len(y_te):
-        raise PocketFlowError(f"dataset '{name}': images and labels differ in length")
+    x_tr, y_tr = _split(x_tr, y_tr, "train", where)
+    x_te, y_te = _split(x_te, y_te, "test", where)
     if cfg.get("limit_train"):
         x_tr, y_tr = x_tr[: cfg["limit_train"]], y_tr[: cfg["limit_train"]]
     if cfg.get("limit_test"):
         x_te, y_te = x_te[: cfg["limit_test"]], y_te[: cfg["limit_test"]]
+    if not len(x_te):
+        raise PocketFlowError(f"{where}: the test split is empty (x_test has no images); "
+                              "PocketFlow reports accuracy on it: give test images")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise PocketFlowError(f"{where}: training images are {x_tr.shape[1:]} but test images are "
+                              f"{x_te.shape[1:]}; both splits must have one image shape")
     # validation: a fixed, seeded subset of the training data
     idx = np.random.default_rng(seed).permutation(len(x_tr))
     n_val = int(round(len(x_tr) * float(cfg.get("val_split", 0.1))))

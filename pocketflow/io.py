@@ -1,7 +1,8 @@
 """Atomic file writes: temp file in the same directory + fsync + rename.
 
 A reader (or a resumed run after SIGKILL) only ever sees the old or the new file,
-never a half-written one.
+never a half-written one. The file gets the mode a plain `open(path, "w")` would give it
+(0666 less the umask), not mkstemp's private 0600.
 """
 from __future__ import annotations
 
@@ -13,7 +14,42 @@ import tempfile
 from pathlib import Path
 
 
-def _fsync_dir(path: Path) -> None:
+def _proc_umask() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_once() -> int:
+    """Without /proc the umask can only be read by setting it: once, at import."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _proc_umask()
+if _IMPORT_UMASK is None:
+    _IMPORT_UMASK = _umask_once()
+
+
+def umask() -> int:
+    """The process umask, read without changing it (/proc/self/status), else as at import."""
+    mask = _proc_umask()
+    return _IMPORT_UMASK if mask is None else mask
+
+
+def make_temp_dir(parent, prefix: str) -> Path:
+    """mkdtemp with the mode os.mkdir would give (mkdtemp's is 0700): it becomes a visible dir."""
+    d = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(d, 0o777 & ~umask())
+    return d
+
+
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -32,17 +68,22 @@ def _atomic_path(path, suffix: str = ".tmp"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    mode = 0o666 & ~umask()  # what open(path, 'w') would give; mkstemp's is 0600
     try:
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), mode)  # the writer (Keras) may have made a file of its own
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -76,7 +117,7 @@ def atomic_replace_dir(staging: Path, final: Path) -> Path:
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -205,18 +205,25 @@ def predict(model, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """Forward pass in inference mode through a compiled tf.function (model.predict is slow)."""
     import tensorflow as tf
     fn = _predict_fn(model)
-    return np.concatenate([fn(tf.constant(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+    out = [fn(tf.constant(x[i:i + batch], tf.float32)).numpy() for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, *model.output_shape[1:]), np.float32)
 
 
 _PREDICT_CACHE: dict = {}
 
 
 def _predict_fn(model):
+    """One trace per model: a None batch dimension covers the short last batch. A search makes a
+    new model per trial, so TensorFlow's "frequent retracing" warning (keyed by the lambda's code,
+    shared by all of them) would fire on every run; these traces are by design, so it is off."""
     import tensorflow as tf
     key = id(model)
     hit = _PREDICT_CACHE.get(key)
     if hit is None or hit[0] is not model:
-        hit = (model, tf.function(lambda x: model(x, training=False), reduce_retracing=True))
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        fn._omit_frequent_tracing_warning = True  # private, stable since TF 2.4; harmless if gone
+        hit = (model, fn)
         _PREDICT_CACHE.clear()
         _PREDICT_CACHE[key] = hit
     return hit[1]

@@ -42,6 +42,17 @@ def in_unit(v):
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def plain_name(v):
+    """A run name is one directory under output.dir: never empty, never a path out of it."""
+    return None if v.strip() and v not in (".", "..") and "/" not in v and "\\" not in v else \
+        "must be a plain directory name (no '/', not empty)"
+
+
+def image_size(v):
+    ok = len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v)
+    return None if ok else "must be [height, width], two positive integers"
+
+
 def _type_name(t) -> str:
     if isinstance(t, tuple):
         names = [_type_name(x) for x in t if not (x is int and float in t)]
@@ -64,16 +75,16 @@ def _is_type(value, t) -> bool:
 
 TRAIN = {
     "epochs": Field((int, float), 5, check=non_negative, help="passes over the training split (0: none)"),
-    "steps": Field((int, type(None)), None, help="stop after this many steps (overrides epochs)"),
+    "steps": Field((int, type(None)), None, check=positive, help="stop after this many steps (overrides epochs)"),
     "batch_size": Field(int, 128, check=positive),
     "optimizer": Field(str, "adam", choices=("adam", "sgd", "rmsprop", "adamw")),
     "learning_rate": Field(float, 1e-3, check=positive),
     "schedule": Field(str, "constant", choices=("constant", "cosine", "step")),
-    "momentum": Field(float, 0.9),
-    "weight_decay": Field(float, 0.0),
-    "label_smoothing": Field(float, 0.0),
+    "momentum": Field(float, 0.9, check=non_negative),
+    "weight_decay": Field(float, 0.0, check=non_negative),
+    "label_smoothing": Field(float, 0.0, check=in_unit),
     "scale_lr": Field(bool, True, help="multiply the learning rate by the Horovod world size"),
-    "early_stopping": Field((int, type(None)), None, help="patience in epochs on validation accuracy"),
+    "early_stopping": Field((int, type(None)), None, check=positive, help="patience in epochs on validation accuracy"),
     "tensorboard": Field(bool, False),
     "verbose": Field(bool, True),
 }
@@ -81,7 +92,7 @@ TRAIN = {
 DISTILL = {
     "enabled": Field(bool, False),
     "temperature": Field(float, 4.0, check=positive),
-    "weight": Field(float, 0.5),
+    "weight": Field(float, 0.5, check=non_negative),
 }
 
 def _defaults(schema: dict) -> dict:

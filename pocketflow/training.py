@@ -173,6 +173,9 @@ class Trainer:
             *grads, total, acc = w.allreduce_grads([*tape.gradient(total, variables), total, acc])
             optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
             return total, acc
+        # one trace per fit by design (every trial is a new model and optimizer): TensorFlow's
+        # "frequent retracing" warning, keyed by this function's code, would fire on short fits
+        step._omit_frequent_tracing_warning = True
         return step
 
     def fit(self, epochs: float | None = None, steps: int | None = None,

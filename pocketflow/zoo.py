@@ -150,17 +150,43 @@ def mobilenet_v2(input_shape=(32, 32, 3), num_classes=10, alpha=1.0, dropout=0.2
 
 
 def build_model(name: str, input_shape, num_classes: int, args: dict | None = None) -> keras.Model:
+    """A zoo model for the data's image shape; a shape it cannot be built for is one line."""
+    from pocketflow.checks import channels_first
+    builder, shape = MODELS.get(name), tuple(input_shape)
+    if channels_first(shape) is not None:
+        raise PocketFlowError(f"the images are {shape}, which looks channels-first (N, C, H, W); zoo models "
+                              "take channels-last images: convert them with x.transpose(0, 2, 3, 1)")
     try:
-        return MODELS.get(name)(input_shape=tuple(input_shape), num_classes=num_classes, **(args or {}))
+        return builder(input_shape=shape, num_classes=num_classes, **(args or {}))
     except TypeError as e:
         raise PocketFlowError(f"model '{name}': bad model.args ({e})") from None
+    except ValueError as e:  # e.g. images too small for its convolutions and pooling
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise PocketFlowError(f"model '{name}' cannot be built for images of shape {shape} ({first}); "
+                              "choose a zoo model that fits them or resize the images") from None
+
+
+def _not_a_file(path: Path) -> PocketFlowError:
+    """What a model path that is not a file is, and what to give instead."""
+    if not path.is_dir():
+        return PocketFlowError(f"model file not found: {path}")
+    if (path / "saved_model.pb").is_file():
+        return PocketFlowError(
+            f"{path} is a TensorFlow SavedModel directory; PocketFlow needs a .keras file: load it with the "
+            "Keras that saved it and save it as one (model = tf_keras.models.load_model(dir); "
+            "model.save('model.keras'))")
+    if (path / "best" / "model.keras").is_file():
+        return PocketFlowError(f"{path} is a run directory, not a model file; give {path / 'best' / 'model.keras'}")
+    inside = sorted(p.name for p in path.glob("*.keras"))[:3]
+    hint = f" (it holds {', '.join(inside)})" if inside else ""
+    return PocketFlowError(f"{path} is a directory, not a .keras model file{hint}")
 
 
 def load_keras_file(path, unsafe: bool = False) -> keras.Model:
     """Load a user's `.keras` file; safe_mode refuses arbitrary code (Lambda layers)."""
     path = Path(path)
     if not path.is_file():
-        raise PocketFlowError(f"model file not found: {path}")
+        raise _not_a_file(path)
     if path.suffix not in (".keras", ".h5"):
         raise PocketFlowError(f"{path}: expected a .keras file")
     if path.suffix == ".keras" and not zipfile.is_zipfile(path):
@@ -234,10 +260,11 @@ def load_from_function(spec: str, input_shape, num_classes: int, args: dict | No
 
 
 def resolve_model(cfg: dict, input_shape, num_classes: int) -> tuple[keras.Model, bool]:
-    """From the `model` config section: (model, is_pretrained)."""
+    """From the `model` config section: (model, is_pretrained). Whether the model fits the data
+    is checked by pocketflow.checks.check_inputs, with both in hand."""
     name = cfg["name"]
     import_modules(cfg.get("imports"))
-    if name.endswith((".keras", ".h5")) or "/" in name:
+    if name.endswith((".keras", ".h5")) or "/" in name or (name not in MODELS and Path(name).is_dir()):
         model, pretrained = load_keras_file(name, cfg.get("unsafe_load", False)), True
     elif ":" in name:
         model, pretrained = load_from_function(name, input_shape, num_classes, cfg.get("args")), False
@@ -245,8 +272,4 @@ def resolve_model(cfg: dict, input_shape, num_classes: int) -> tuple[keras.Model
         model, pretrained = build_model(name, input_shape, num_classes, cfg.get("args")), False
     if cfg.get("pretrained") is not None:
         pretrained = bool(cfg["pretrained"])
-    want = tuple(input_shape)
-    got = tuple(model.input_shape[1:]) if not isinstance(model.input_shape, list) else None
-    if got is not None and any(g is not None and g != w for g, w in zip(got, want)) or (got and len(got) != len(want)):
-        raise PocketFlowError(f"model '{name}' expects input {got}, but the data has {want}")
     return model, pretrained

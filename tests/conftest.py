@@ -68,6 +68,31 @@ def run_cli(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_cli_inprocess(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`pocketflow.cli.main(args)` in this process, its output captured: the same entry point as
+    `python -m pocketflow` without a TensorFlow import per call (error-path tests run in seconds).
+    An exception escaping main is printed as the traceback `python -m` would print, exit 1."""
+    import contextlib
+    import io
+    import traceback
+
+    from pocketflow.cli import main
+    out, err, old = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd or ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:  # argparse
+                rc = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(proc, *pieces, code=2):
     """One non-empty line on stderr, starting 'pocketflow: error: ', containing every piece."""
     assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])

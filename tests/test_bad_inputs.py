@@ -156,6 +156,12 @@ def test_existing_run_directory_needs_resume_or_force(tmp_path):
     assert sorted(p.name for p in (tmp_path / "runs" / "again").iterdir()) == before  # nothing touched
 
 
+def test_resume_of_a_run_that_never_existed(tmp_path):
+    proc = run(tmp_path, "name: never\n" + SMALL, "--resume")
+    assert_one_line_error(proc, "never", "nothing to resume", "without --resume")
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
 # -- the search -----------------------------------------------------------------------------------
 
 def test_unreachable_storage_is_one_line_and_hides_the_password(tmp_path):
@@ -203,3 +209,24 @@ def test_searched_learning_rate_reaches_the_trainer(tmp_path):
         assert [t.state.name for t in study.get_trials()] == [state], name
         if state == "COMPLETE":
             assert json.loads((tmp_path / "runs" / name / "best" / "metrics.json").read_text())["test_accuracy"] > 0.3
+
+
+def test_resume_with_another_model_shape_is_refused_and_changes_nothing(tmp_path):
+    """--resume on a run whose baseline was trained for RGB images, now given grayscale ones: one
+    line naming --force (it was a Keras traceback from set_weights), the run left as it was."""
+    import hashlib
+
+    import numpy as np
+    with np.load(SMALL_NPZ) as z:
+        arrays = {k: z[k][:300] for k in z.files}
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, **{k: (np.repeat(v[..., None], 3, -1) if k.startswith("x") else v) for k, v in arrays.items()})
+    cfg = ("name: r\nmodel: {name: seed_cnn}\ntrain: {steps: 2, verbose: false}\nsearch: {optimizer: tpe, trials: 1,"
+           " trial_steps: 1}\nlearner: {name: weight_sparsity, fine_tune: {steps: 1, verbose: false}}\n")
+    first = run(tmp_path, f"data: {{name: npz, path: {rgb}, val_split: 0.1}}\n" + cfg)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "r"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()}
+    again = run(tmp_path, f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\n" + cfg, "--resume")
+    assert_one_line_error(again, "--resume", "another model or data shape", "--force")
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -1,5 +1,9 @@
 """The CLI as a user meets it: real subprocesses, exit codes, run layout (bad inputs: test_bad_inputs.py)."""
 import json
+import shutil
+from importlib.metadata import version
+
+import pytest
 
 from conftest import SMALL_NPZ, assert_one_line_error, run_cli
 
@@ -44,3 +48,74 @@ def test_train_export_inspect_evaluate_best(tmp_path):
     assert out.returncode == 0 and (tmp_path / "exp" / "model_dynamic.tflite").is_file()
     out = run_cli("best", tmp_path / "runs" / "q")
     assert out.returncode == 0 and str(best / "model.keras") in out.stdout
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"pocketflow {version('pocketflow')}"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A small finished run (1 epoch on 600 images, keras + tflite + int8 exported)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = tmp / "r.yaml"
+    cfg.write_text("name: r\n" + SMALL.replace("val_split: 0.1}", "val_split: 0.1, limit_train: 600}")
+                   + "train: {epochs: 1, batch_size: 64, verbose: false}\n"
+                   "export: {formats: [keras, tflite], quantize: int8}\n")
+    proc = run_cli("train", cfg, "--output", tmp / "runs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "runs" / "r"
+
+
+def _copy_run(run, tmp_path):
+    dst = tmp_path / "runs" / run.name
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _accuracy(proc) -> float:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return float(proc.stdout.split("test accuracy: ")[1].split()[0])
+
+
+def test_evaluate_uses_the_runs_own_data(finished_run):
+    """Without --data, a model inside a run is tested on that run's data (its config.yaml)."""
+    m = json.loads((finished_run / "best" / "metrics.json").read_text())
+    assert _accuracy(run_cli("evaluate", finished_run)) == round(m["test_accuracy"], 4)
+    assert _accuracy(run_cli("evaluate", finished_run / "best" / "model.keras")) == round(m["test_accuracy"], 4)
+    int8 = _accuracy(run_cli("evaluate", finished_run / "best" / "model_int8.tflite"))
+    assert int8 == round(m["exports"]["tflite_int8"]["test_accuracy"], 4)
+
+
+def test_evaluate_outside_a_run_needs_data(finished_run, tmp_path):
+    shutil.copy(finished_run / "best" / "model.keras", tmp_path / "m.keras")
+    assert_one_line_error(run_cli("evaluate", tmp_path / "m.keras"), "m.keras", "not inside a run directory",
+                          "--data")
+
+
+def test_export_into_best_updates_metrics(finished_run, tmp_path):
+    """Re-exporting into a run's own best/ (no --output) leaves metrics.json describing the files
+    now on disk: sizes, gzip sizes, accuracy, layout."""
+    from pocketflow.metrics import gzip_size
+    run = _copy_run(finished_run, tmp_path)
+    best = run / "best"
+    old = json.loads((best / "metrics.json").read_text())["exports"]["tflite_int8"]
+    assert old["weight_scales"] == "per_channel"
+    proc = run_cli("export", run, "--quantize", "int8", "--weight-scales", "per_tensor", "--data", SMALL_NPZ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exports = json.loads((best / "metrics.json").read_text())["exports"]
+    new = exports["tflite_int8"]
+    assert new["weight_scales"] == "per_tensor" and new["bytes"] != old["bytes"]
+    printed = proc.stdout.split("tflite_int8: ")[1].splitlines()[0]
+    assert f"test accuracy {new['test_accuracy']:.4f}" in printed and str(best / "model_int8.tflite") in printed
+    for key, entry in exports.items():
+        if "path" not in entry:
+            continue
+        f = best / entry["path"].rsplit("/", 1)[1]
+        assert entry["path"] == str(f), key
+        if "bytes" in entry:
+            assert entry["bytes"] == f.stat().st_size, key
+            assert entry["gzip_bytes"] == gzip_size(f), key
+    assert not list(run.glob(".best*"))  # the staging copy was swapped in, nothing left over

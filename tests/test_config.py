@@ -1,6 +1,8 @@
 """The config schema: defaults, overrides, and one-line errors naming file and key."""
 import pytest
 
+from conftest import ROOT
+
 from pocketflow.config import load_config
 from pocketflow.errors import ConfigError
 
@@ -94,3 +96,16 @@ def test_learner_auto_follows_the_target_metric(metric, name, steps):
 def test_learner_may_be_given_by_name_alone():
     cfg = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"}, "learner": "weight_sparsity"})
     assert cfg["learner"]["name"] == "weight_sparsity" and cfg.notes == []
+
+
+def test_a_runs_own_config_yaml_loads_again(tmp_path):
+    """config.yaml lists every key with its value, defaults included: it must validate as it is
+    (evaluate/export and --resume read it), also where a key only matters in another mode."""
+    import yaml
+
+    from pocketflow.config import load_config
+    for raw in ({"data": {"name": "fashion_mnist"}, "model": {"name": "seed_cnn"}, "learner": {"name": "weight_sparsity"}},
+                "configs/quickstart.yaml"):
+        cfg = load_config(raw if isinstance(raw, dict) else ROOT / raw)
+        again = load_config(yaml.safe_load(cfg.to_yaml()))
+        assert again.to_yaml() == cfg.to_yaml()

@@ -4,20 +4,26 @@ A run is killed with SIGKILL at named points (`POCKETFLOW_KILL_AT`, see pocketfl
 at the start of a trial, after a trial trained but before it was recorded, and in the final
 export after every file was written but before `best/` was swapped in. `--resume` must then
 finish the budget with every earlier finished trial unchanged and a loadable `best/`.
+The run directory: --force keeps the old run until the new one has finished, one process owns
+a run directory at a time, and every file gets the mode the user's umask gives.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import stat
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import ROOT, SMALL_NPZ, run_cli, wait_for
+from conftest import ROOT, SMALL_NPZ, assert_one_line_error, run_cli, wait_for
 
 optuna = pytest.importorskip("optuna")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -95,8 +101,11 @@ def test_stop_signal_marks_the_running_trial_and_resume_finishes(seed_model, tmp
     cfg = config(tmp_path / "c.yaml", name, seed_model, trials=3, steps=400)
     run_dir = tmp_path / "runs" / name
     log = open(tmp_path / "log.txt", "w")
+    # started with SIGINT ignored, as `pocketflow run ... &` from a script (or this suite run in the
+    # background) starts it: Ctrl-C must still stop it
     proc = subprocess.Popen([sys.executable, "-m", "pocketflow", "run", str(cfg), "--output", str(tmp_path / "runs")],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # wait until a trial is running
@@ -124,6 +133,162 @@ def test_stop_signal_marks_the_running_trial_and_resume_finishes(seed_model, tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(finished(study_of(run_dir, name))) == 3
     assert_best_loads(run_dir)
+
+
+def _start_run(cfg: Path, output: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pocketflow", "run", str(cfg), "--output", str(output)],
+                            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def test_one_process_owns_a_run_directory(seed_model, tmp_path):
+    """A second `run` on a run directory in use is refused in one line naming the owner, whatever
+    its flags; the lock dies with its owner (SIGKILL) and --resume then finishes the run."""
+    name = "owned"
+    cfg = config(tmp_path / "c.yaml", name, seed_model, trials=2, steps=400)
+    run_dir = tmp_path / "runs" / name
+    first = _start_run(cfg, tmp_path / "runs", tmp_path / "first.log")
+    try:
+        wait_for(lambda: any(t.state.name == "RUNNING" for t in study_of(run_dir, name).get_trials()),
+                 timeout=300, what="a running trial")
+        os.kill(first.pid, signal.SIGSTOP)  # held mid-trial (it still owns the directory) however fast it is
+        for flags in (["--resume"], ["--force"]):
+            second = run_cli("run", cfg, "--output", tmp_path / "runs", *flags)
+            assert_one_line_error(second, str(run_dir), "in use by another pocketflow process", f"pid {first.pid}")
+        assert first.poll() is None and (run_dir / "config.yaml").is_file()  # the owner's run, untouched
+        assert not (run_dir.parent / ".owned.replaced").exists()
+    finally:
+        first.kill()
+        first.wait()
+    resumed = run_cli("run", cfg, "--output", tmp_path / "runs", "--resume", "--set", "search.trial_steps=5")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(finished(study_of(run_dir, name))) == 2
+
+
+# -- --force keeps the old run until the new one has finished --------------------------------------
+
+KEEP = (f"name: keep\nseed: 0\ndata: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1, limit_train: 600}}\n"
+        "model: {name: seed_cnn}\ntrain: {epochs: 1, batch_size: 64, verbose: false}\n"
+        "learner: {name: full_precision, fine_tune: {epochs: 0, verbose: false}}\nsearch: {optimizer: none}\n"
+        "export: {formats: [keras, tflite], verify: false}\n")
+NAN_SEARCH = KEEP.replace(  # trains the baseline, then every trial fails as NaN: the run fails
+    "learner: {name: full_precision, fine_tune: {epochs: 0, verbose: false}}\nsearch: {optimizer: none}\n",
+    "learner: {name: weight_sparsity, fine_tune: {optimizer: sgd, learning_rate: 1.0e+30, verbose: false}}\n"
+    "target: {ratio: 2}\nsearch: {optimizer: random, trials: 1, pruner: none, trial_steps: 5}\n")
+
+
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory) -> Path:
+    """A finished run to be replaced; each test works on its own copy."""
+    tmp = tmp_path_factory.mktemp("kept")
+    (tmp / "c.yaml").write_text(KEEP)
+    proc = run_cli("run", tmp / "c.yaml", "--output", tmp / "runs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "runs" / "keep"
+
+
+def tree(d: Path) -> dict:
+    """Every file and directory under `d`: its mode and (files) the hash of its bytes."""
+    return {str(p.relative_to(d)): (stat.filemode(p.stat().st_mode),
+                                    hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+            for p in sorted(d.rglob("*"))}
+
+
+def _copy(run: Path, tmp_path: Path, text: str = KEEP) -> tuple[Path, Path, dict]:
+    shutil.copytree(run, tmp_path / "runs" / run.name)
+    (tmp_path / "c.yaml").write_text(text)
+    return tmp_path / "c.yaml", tmp_path / "runs" / run.name, tree(tmp_path / "runs" / run.name)
+
+
+def _rgb_data(path: Path) -> Path:
+    import numpy as np
+    d = dict(np.load(SMALL_NPZ))
+    np.savez(path, **{k: np.repeat(v[..., None], 3, axis=-1) if k.startswith("x") else v for k, v in d.items()})
+    return path
+
+
+@pytest.mark.parametrize("case", ["unreachable target", "corrupt model", "unreadable data", "data the model cannot take"])
+def test_refused_force_keeps_the_old_run(kept_run, seed_model, tmp_path, case):
+    (tmp_path / "bad.keras").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip at all")
+    flags, pieces = {
+        "unreachable target": (["--set", "learner.name=uniform_quant", "--target-ratio", "40"], ["out of reach"]),
+        "corrupt model": (["--set", f"model.name={tmp_path / 'bad.keras'}"], ["bad.keras", "corrupt"]),
+        "unreadable data": (["--set", f"data.path={tmp_path / 'bad.npz'}"], ["bad.npz", "not a readable .npz"]),
+        "data the model cannot take": (["--set", f"model.name={seed_model}", "--set", "model.pretrained=true",
+                                        "--set", f"data.path={_rgb_data(tmp_path / 'rgb.npz')}"], []),
+    }[case]
+    cfg, run_dir, before = _copy(kept_run, tmp_path)
+    assert_one_line_error(run_cli("run", cfg, "--output", tmp_path / "runs", "--force", *flags), *pieces)
+    assert tree(run_dir) == before
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == [".keep.lock", "keep"]
+
+
+def test_force_failing_after_training_started_puts_the_old_run_back(kept_run, tmp_path):
+    cfg, run_dir, before = _copy(kept_run, tmp_path, NAN_SEARCH)
+    proc = run_cli("run", cfg, "--output", tmp_path / "runs", "--force")
+    assert_one_line_error(proc, "no trial", "nan")
+    assert "baseline: training" in proc.stdout  # it failed after it had started writing the new run
+    assert tree(run_dir) == before
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == [".keep.lock", "keep"]
+
+
+@pytest.mark.parametrize("point, kept", [("final_export:1", "old"), ("run_finished:1", "new")])
+def test_force_killed_is_settled_by_the_next_start(kept_run, tmp_path, point, kept):
+    """SIGKILL during a --force run (before best/ of the new run was swapped in: the old run comes
+    back; after the new run finished but before the old was deleted: the new one stays)."""
+    cfg, run_dir, before = _copy(kept_run, tmp_path)
+    killed = run_cli("run", cfg, "--output", tmp_path / "runs", "--force", env={"POCKETFLOW_KILL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "runs" / ".keep.replaced").is_dir()  # the old run, still whole
+    again = run_cli("run", cfg, "--output", tmp_path / "runs")
+    assert_one_line_error(again, "already exists")
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == [".keep.lock", "keep"]
+    if kept == "old":
+        assert "put back the previous run" in again.stdout
+        assert tree(run_dir) == before
+    else:
+        assert tree(run_dir) != before
+        assert_best_loads(run_dir)
+
+
+def test_force_that_finishes_replaces_the_old_run(kept_run, tmp_path):
+    cfg, run_dir, before = _copy(kept_run, tmp_path)
+    proc = run_cli("run", cfg, "--output", tmp_path / "runs", "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tree(run_dir) != before
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == [".keep.lock", "keep"]
+    assert_best_loads(run_dir)
+
+
+# -- file modes ----------------------------------------------------------------------------------------
+
+def _with_umask(mask: int, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pocketflow", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, preexec_fn=lambda: os.umask(mask))
+
+
+def _modes(d: Path) -> dict:
+    return {str(p.relative_to(d)): stat.S_IMODE(p.stat().st_mode) for p in sorted(d.rglob("*"))}
+
+
+def test_run_files_get_the_umask_mode(tmp_path):
+    """Atomic writes (temp file + rename) and the best/ staging dir end up as a plain open() or
+    mkdir() would make them (0666 / 0777 less the umask), not private 0600 / 0700."""
+    (tmp_path / "c.yaml").write_text(KEEP)
+    proc = _with_umask(0o027, "run", tmp_path / "c.yaml", "--output", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modes = _modes(tmp_path / "runs")
+    assert "keep/best/metrics.json" in modes and "keep/baseline/model.keras" in modes
+    for rel, mode in modes.items():
+        want = 0o750 if (tmp_path / "runs" / rel).is_dir() else 0o640
+        assert mode == want, (rel, oct(mode))
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o077])
+def test_export_files_get_the_umask_mode(seed_model, tmp_path, mask):
+    proc = _with_umask(mask, "export", seed_model, "--format", "keras", "--format", "tflite", "--output", tmp_path / "e")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _modes(tmp_path / "e") == {"seed_cnn.keras": 0o666 & ~mask, "seed_cnn.tflite": 0o666 & ~mask}
 
 
 def _four_workers(seed_model, tmp_path, storage: str, name: str):
@@ -164,6 +329,10 @@ def _four_workers(seed_model, tmp_path, storage: str, name: str):
     assert len(workers) >= 2, "the workers did not share the study"
     for i in range(4):
         assert (tmp_path / f"w{i}" / name / "best" / "model.keras").is_file()
+    secret = urlsplit(storage).password
+    if secret:  # the storage URL's password is masked everywhere a worker writes or prints
+        for f in [p for p in tmp_path.rglob("*") if p.is_file() and p != tmp_path / "c.yaml"]:
+            assert secret.encode() not in f.read_bytes(), f
     return study
 
 

@@ -312,17 +312,12 @@ def test_every_learner_searches_the_fine_tune_learning_rate(seed_model, tmp_path
     """`search.space` switches the dimension on for every learner (it was 'unknown dimension'
     for all but full_precision), and the trial's fine-tune really trains with the value: the same
     point with a vanishing and with a large learning rate scores differently."""
-    trials, _ = _lr_search(seed_model, tmp_path, learner,
-                           {"trials": 1, "space": {"fine_tune/learning_rate": [1e-4, 1e-2]}})
-    (t,) = trials
-    assert t.state.name == "COMPLETE", t.user_attrs.get("fail_reason")
-    assert 1e-4 <= t.params["fine_tune/learning_rate"] <= 1e-2
     scores = {}
     for lr in (1e-12, 0.05):
         trials, _ = _lr_search(seed_model, tmp_path, learner,
                                {"trials": 1, "space": {"fine_tune/learning_rate": {"choices": [lr]}}})
         assert trials[0].state.name == "COMPLETE", trials[0].user_attrs.get("fail_reason")
-        assert trials[0].user_attrs["params"]["fine_tune/learning_rate"] == lr
+        assert trials[0].params["fine_tune/learning_rate"] == lr  # a dimension the optimizer sampled
         scores[lr] = trials[0].value
     assert scores[1e-12] != scores[0.05], scores
 

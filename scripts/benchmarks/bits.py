@@ -95,7 +95,8 @@ def pipeline_config(a, name, optimizer, ratio):
         "learner": {"name": "uniform_quant", "bits": 4, "fine_tune": {**fine_tune(a, a.final_steps),
                                                                        "verbose": False}},
         "target": {"metric": "compression", "ratio": ratio},
-        "search": {"optimizer": optimizer, "trials": a.trials, "trial_steps": a.trial_steps, "pruner": "none"},
+        "search": {"optimizer": optimizer, **({} if optimizer == "none" else  # (those keys do nothing there)
+                                              {"trials": a.trials, "trial_steps": a.trial_steps, "pruner": "none"})},
         "export": {"formats": ["keras"], "verify": False},
     }
 

@@ -79,7 +79,8 @@ def config(a, name: str, optimizer: str) -> dict:
                     "fine_tune": {"epochs": a.final_epochs, "batch_size": 128, "optimizer": "sgd",
                                   "learning_rate": a.lr, "schedule": "cosine", "momentum": 0.9, "verbose": False}},
         "target": {"metric": "flops", "ratio": a.target},
-        "search": {"optimizer": optimizer, "trials": a.trials, "trial_steps": a.trial_steps, "pruner": "none"},
+        "search": {"optimizer": optimizer, **({} if optimizer == "none" else  # (those keys do nothing there)
+                                              {"trials": a.trials, "trial_steps": a.trial_steps, "pruner": "none"})},
         "export": {"formats": ["keras"], "verify": False},
     }
 
