@@ -17,6 +17,8 @@ from pocketflow.registry import did_you_mean
 
 HEARTBEAT_SECONDS = 20  # a running trial's liveness record in the study
 GRACE_SECONDS = 90      # no heartbeat for this long: the worker on another host is presumed dead
+# what the loser of a schema-creation race sees: PostgreSQL, then SQLite (alembic's version row)
+SCHEMA_RACE = ("already exists", "duplicate key", "UNIQUE constraint failed")
 
 
 # -- trial predicates --------------------------------------------------------------------------------
@@ -115,9 +117,10 @@ def open_storage(url: str, on_stale_trial):
                 break
             except Exception as e:  # bad URL, unreachable server, missing driver
                 text = str(e)
-                if attempt < 7 and ("already exists" in text or "duplicate key" in text):
-                    # workers started together race to create the schema: the loser waits
-                    # for the winner's tables and opens them
+                if attempt < 7 and any(m in text for m in SCHEMA_RACE):
+                    # workers (or a reader such as optuna-dashboard) opening a new study file
+                    # together race to create the schema: the loser waits for the winner's
+                    # tables and opens them
                     time.sleep(0.5 + random.random())
                     continue
                 raise PocketFlowError(f"search.storage {redact_url(url)}: cannot open ({type(e).__name__}: "

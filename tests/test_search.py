@@ -341,3 +341,32 @@ def test_a_chain_takes_a_learning_rate_per_step(seed_model, tmp_path):
     assert parts["uniform_quant"]["fine_tune/learning_rate"] == 2e-4
     with pytest.raises(Exception, match="unknown dimension 'fine_tune/learning_rat'"):
         build_space(chain, model, {"space": {"fine_tune/learning_rat": [1e-4, 1e-2]}})
+
+
+
+def _open_study_file(url, queue):
+    from pocketflow.hpo.study import open_storage
+    try:
+        open_storage(url, lambda storage, trial: None)
+        queue.put(None)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, asserted there
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+def test_workers_opening_a_new_study_file_together_all_open_it(tmp_path):
+    """Workers (or a reader such as optuna-dashboard) opening a study file that does not exist yet
+    race to create its schema; the loser of SQLite's race sees "table ... already exists" or
+    "UNIQUE constraint failed" on alembic's version row and must wait for the winner's tables, not
+    fail the run (plain RDBStorage fails this way in most rounds)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")  # forked: optuna is already imported, all start at once
+    errors = []
+    for rep in range(8):
+        url, queue = f"sqlite:///{tmp_path / f's{rep}.db'}", ctx.Queue()
+        procs = [ctx.Process(target=_open_study_file, args=(url, queue)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        errors += [e for e in (queue.get(timeout=5) for _ in procs) if e]
+    assert not errors, errors[:3]
