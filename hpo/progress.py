@@ -42,14 +42,21 @@ class Clock:
 
 
 def trial_line(trials, number: int, budget: int, metric: str) -> str:
-    """`trial 3 [4/20] complete: val_acc 0.9012, compression 8.01x (12.3s) | best 0.9050 (trial 1)`"""
+    """`trial 3 [4/20] complete: val_acc 0.9012, size 4.01x (model_int8.tflite; predicted 4.03x) (12.3s)
+    | best 0.9050 (trial 1)`"""
     t = trials[number]
     done = sum(1 for x in trials if holds_slot(x) and is_finished(x))
     best = best_trial(trials)
+    method = t.params.get("method")
     if t.state == state("COMPLETE"):
-        what = f"val_acc {t.value:.4f}"
+        what = (f"[{method}] " if method else "") + f"val_acc {t.value:.4f}"
         if "ratio" in t.user_attrs:
-            what += f", {metric} {t.user_attrs['ratio']:.2f}x" + ("" if is_feasible(t) else " (misses the target)")
+            a = t.user_attrs
+            notes = [a["file"]] if a.get("file") else []
+            if a.get("predicted_ratio") is not None:
+                notes.append(f"predicted {a['predicted_ratio']:.2f}x")
+            what += (f", {metric} {a['ratio']:.2f}x" + (f" ({'; '.join(notes)})" if notes else "")
+                     + ("" if is_feasible(t) else " (misses the target)"))
     else:
         what = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or ""
     secs = t.user_attrs.get("seconds")
@@ -67,6 +74,23 @@ def no_result(trials, metric: str, ratio: float | None) -> str:
     return f"no trial of {len(held)} completed{target}{why}"
 
 
+def method_mix(trials, top: int = 5) -> dict:
+    """Which methods a method search (`learner: auto`) tried, and which the `top` best trials that
+    meet the target use: {"tried": {method: n}, "best": {method: n}} ({} without a method dimension)."""
+    done = [t for t in trials if holds_slot(t) and is_finished(t) and "method" in t.params]
+    if not done:
+        return {}
+    best = sorted((t for t in done if is_feasible(t)), key=lambda t: -t.value)[:top]
+    return {"tried": dict(Counter(t.params["method"] for t in done).most_common()),
+            "best": dict(Counter(t.params["method"] for t in best).most_common()), "top": len(best)}
+
+
+def mix_line(mix: dict) -> str:
+    """`methods: weight_sparsity+uniform_quant 3 of the 5 best (7 tried), ...`"""
+    return "methods: " + ", ".join(f"{m} {mix['best'].get(m, 0)} of the {mix['top']} best ({n} tried)"
+                                   for m, n in mix["tried"].items())
+
+
 def summary(trials, best, **about) -> dict:
     """The search section of metrics.json: what was run (`about`: optimizer, storage, timing...),
     the best trial, and how the budget was spent."""
@@ -80,4 +104,5 @@ def summary(trials, best, **about) -> dict:
         "n_pruned": states.get("pruned", 0), "n_failed": states.get("fail", 0),
         "n_infeasible": sum(1 for t in held if t.state == state("COMPLETE") and not is_feasible(t)),
         "n_interrupted": sum(1 for t in trials if is_void(t)),
+        **({"methods": mix} if (mix := method_mix(trials)) else {}),
     }

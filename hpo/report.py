@@ -152,7 +152,7 @@ def write_report(study, run_dir) -> Path:
     trials = study.get_trials(deepcopy=False)
     rows = _rows(trials)
     ident = study.user_attrs.get("pocketflow", {})
-    metric, target = ident.get("metric", "compression"), ident.get("ratio")
+    metric, target = ident.get("metric", "size"), ident.get("ratio")
     best = best_trial(trials)
     lines = [f"# Search report: {study.study_name}", ""]
     lines.append(f"- learner: `{ident.get('learner', '?')}`; target: "
@@ -168,6 +168,10 @@ def write_report(study, run_dir) -> Path:
         lines.append(f"- best: trial {best.number}, validation accuracy {best.value:.4f}"
                      + (f", measured {metric} {a['ratio']:.2f}x" if a.get("ratio") is not None else ""))
         lines.append(f"- best params: {summarize_params(a.get('projected') or best.params, limit=20)}")
+        from pocketflow.hpo.progress import method_mix, mix_line
+        mix = method_mix(trials)
+        if mix:
+            lines.append(f"- {mix_line(mix)}")
     else:
         lines.append("- best: no completed trial meets the target yet")
     lines.append("")

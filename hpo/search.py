@@ -20,13 +20,13 @@ import warnings
 
 from pocketflow.errors import PocketFlowError
 from pocketflow.hpo import liveness, progress
-from pocketflow.hpo.space import build_space
+from pocketflow.hpo.space import build_space, complete_point
 from pocketflow.hpo.study import (best_trial, holds_slot, is_feasible, is_finished, make_pruner, open_storage,
-                                  open_study, state)
+                                  open_study, prediction_bias, state)
 from pocketflow.io import redact_url, to_builtin
+from pocketflow.targets import FILE_METRICS, TOLERANCE
 
 POLL_SECONDS = 2.0      # how often an idle worker looks at trials other workers are running
-INFEASIBLE_TOLERANCE = 0.01  # a measured ratio 1% under the target still counts as meeting it
 
 
 class _Stop(Exception):
@@ -85,6 +85,9 @@ class Search:
         done = [t for t in trials if holds_slot(t) and is_finished(t)]
         if done:
             self._log(f"search: study '{name}' has {len(done)} finished trial(s); continuing to {self.budget}")
+        elif not trials:  # a new study: the learner's starting points go first
+            for p in self.learner.initial_points(self.model)[:self.budget]:
+                self.study.enqueue_trial(complete_point(self.space, p), user_attrs={"initial": True})
 
     def _requeue(self, t):
         """Run an interrupted trial's point again (its slot was freed by marking it void)."""
@@ -182,10 +185,13 @@ class Search:
         """The point moved onto the target before training; every rank projects (a latency
         projection measures, and the learner averages the measurement across ranks)."""
         root = self.world.is_root
+        aim = self.ratio
         try:
             params = raw
             if self.ratio is not None:
-                params = self.learner.project(self.model, raw, self.metric, self.ratio)
+                bias = prediction_bias(self.study.get_trials(deepcopy=False), raw.get("method")) if root else None
+                aim = self.ratio * self.world.broadcast_object(bias)
+                params = self.learner.project(self.model, raw, self.metric, aim)
             params = to_builtin(params)
         except PocketFlowError as e:  # this point cannot meet the target: a failed trial
             if root:
@@ -197,6 +203,7 @@ class Search:
             if self.ratio is not None:
                 self.trial.set_user_attr("predicted_ratio",
                                          float(self.learner.predict_ratio(self.model, params, self.metric)))
+                self.trial.set_user_attr("projected_to", float(aim))
         return params
 
     def _run(self, decision: dict):
@@ -264,13 +271,14 @@ class Search:
     def _complete(self, acc: float, ratio: float, comp, seconds: float, train_seconds: float):
         t = self.trial
         attrs = {"val_acc": float(acc), "metric": self.metric, "ratio": ratio,
+                 **({"file": self.ctx.shipped.file} if self.metric in FILE_METRICS and self.ctx.shipped else {}),
                  "size_bytes": int(comp.size_bytes), "seconds": seconds, "train_seconds": train_seconds}
         if comp.info and len(repr(comp.info)) < 20000:
             attrs["info"] = to_builtin(comp.info)
         for k, v in attrs.items():
             t.set_user_attr(k, v)
         if self.ratio is not None:
-            floor = self.ratio * (1 - INFEASIBLE_TOLERANCE)
+            floor = self.ratio * (1 - TOLERANCE)
             t.set_user_attr("feasible", bool(ratio >= floor))
             t.set_constraint("ratio", (floor - ratio) / self.ratio)  # <= 0: meets the target
         self.study.tell(t, float(acc))
@@ -373,6 +381,8 @@ class Search:
                   + (f", {self.metric} {best.user_attrs['ratio']:.2f}x" if "ratio" in best.user_attrs else "")
                   + f"; overhead {summary['search_overhead_seconds']:.1f}s of {summary['wall_seconds']:.1f}s "
                   f"({100 * summary['search_overhead_share']:.1f}%)")
+        if "methods" in summary:  # a method search says what it chose and what else it tried
+            self._log(f"search: {progress.mix_line(summary['methods'])}")
         return {"params": to_builtin(best.user_attrs["projected"]), "summary": to_builtin(summary)}
 
 

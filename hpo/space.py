@@ -17,6 +17,9 @@ class Float:
     def clip(self, v):
         return float(min(self.high, max(self.low, v)))
 
+    def center(self):
+        return float((self.low * self.high) ** 0.5 if self.log else (self.low + self.high) / 2)
+
 
 @dataclass(frozen=True)
 class Int:
@@ -27,6 +30,9 @@ class Int:
     def clip(self, v):
         return int(min(self.high, max(self.low, round(v))))
 
+    def center(self):
+        return int(round((self.low * self.high) ** 0.5 if self.log else (self.low + self.high) / 2))
+
 
 @dataclass(frozen=True)
 class Categorical:
@@ -34,6 +40,9 @@ class Categorical:
 
     def clip(self, v):
         return v if v in self.choices else self.choices[0]
+
+    def center(self):
+        return self.choices[0]
 
 
 Dimension = Float | Int | Categorical
@@ -93,3 +102,9 @@ def _override(name: str, spec: Any, default: Dimension) -> Dimension:
     if isinstance(dim, Categorical) and not dim.choices:
         raise PocketFlowError(f"search.space.{name}: no choices given")
     return dim
+
+
+def complete_point(space: dict, point: dict) -> dict:
+    """`point` on `space`: its values clipped into their dimensions, every missing dimension at its
+    center (a log range's geometric mean: a learner's default learning rate); keys off the space dropped."""
+    return {name: (d.clip(point[name]) if name in point else d.center()) for name, d in space.items()}

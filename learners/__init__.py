@@ -3,4 +3,4 @@ from pocketflow.learners.base import (LEARNERS, Budget, Compressed, Learner, reg
                                       validate_learner_section)
 from pocketflow.learners.topology import register_layer  # noqa: F401
 from pocketflow.learners import (full_precision, weight_sparsity, uniform_quant,  # noqa: F401,E402
-                                 nonuniform_quant, channel_pruning, distillation, chain)  # (register)
+                                 nonuniform_quant, channel_pruning, distillation, chain, auto)  # (register)

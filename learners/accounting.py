@@ -8,75 +8,15 @@ writes the kernels in exactly those bytes (format: `pocketflow.export.packed`).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
 from pocketflow.errors import PocketFlowError
-from pocketflow.export.packed import encode_layer, index_bytes, write_packed
+from pocketflow.export.packed import encode_layer, write_packed
 from pocketflow.learners.base import Compressed
-from pocketflow.learners.kernels import is_depthwise, kernel_variable, num_channels
+from pocketflow.learners.kernels import is_depthwise, kernel_variable
+from pocketflow.learners.reps import KernelRep, reps_bytes, storage  # noqa: F401 - re-exported
 from pocketflow.learners.transforms import Codebook, FakeQuant, MagnitudeMask
 from pocketflow.learners.wrap import KernelWrapper, kernel_layers, strip_model, wrappers
-
-
-@dataclass(frozen=True)
-class KernelRep:
-    """How one kernel is stored.
-
-    kind   'float' (float32 values), 'grid' (b-bit codes + a float32 scale per output channel)
-           or 'codebook' (b-bit indexes + 2^b float32 shared values).
-    sparse the layer was pruned: its `zeros` may be left out of the value stream, with an index
-           (see `storage`).
-    """
-    shape: tuple
-    depthwise: bool = False
-    zeros: int = 0
-    sparse: bool = False
-    kind: str = "float"
-    bits: int = 32
-
-    @property
-    def n(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def channels(self) -> int:
-        return num_channels(self.shape, self.depthwise)
-
-    @property
-    def value_bits(self) -> int:
-        return 32 if self.kind == "float" else self.bits
-
-    @property
-    def table_bytes(self) -> int:
-        return {"float": 0, "grid": 4 * self.channels, "codebook": 4 * 2 ** self.bits}[self.kind]
-
-    @property
-    def index_bytes(self) -> int:
-        """Bytes of one CSR column index (the packed format's rule)."""
-        return index_bytes(self.n // self.channels)
-
-
-def storage(rep: KernelRep) -> tuple[str, int]:
-    """(layout, exact bytes) of the smallest representation of a kernel.
-
-    dense   ceil(value_bits * n / 8) + table
-    bitmap  ceil(n / 8) (1 bit per weight: stored or zero) + ceil(value_bits * nnz / 8) + table
-    csr     rows = output channels: int32 row pointers 4 * (channels + 1) + a uint16 column index
-            per nonzero (uint32 if a channel has > 65536 weights) + ceil(value_bits * nnz / 8) + table
-    Sparse layouts are considered only for pruned layers (`rep.sparse`). The bitmap wins up to
-    about 94% sparsity for float values; CSR wins above.
-    """
-    vb, table = rep.value_bits, rep.table_bytes
-    options = [("dense", math.ceil(vb * rep.n / 8) + table)]
-    if rep.sparse:
-        nnz = rep.n - rep.zeros
-        values = math.ceil(vb * nnz / 8) + table
-        options.append(("bitmap", math.ceil(rep.n / 8) + values))
-        options.append(("csr", 4 * (rep.channels + 1) + rep.index_bytes * nnz + values))
-    return min(options, key=lambda o: o[1])
 
 
 def base_reps(model) -> dict[str, KernelRep]:
@@ -96,17 +36,13 @@ def actual_rep(w: KernelWrapper) -> KernelRep:
                      sparse, kind, bits)
 
 
-def reps_bytes(reps: dict[str, KernelRep]) -> int:
-    return sum(storage(r)[1] for r in reps.values())
-
-
 def ratio_from_reps(model, reps: dict[str, KernelRep], prepared_params: int, metric: str,
                     learner: str) -> float:
-    """Predicted `compression` (float bytes / stored bytes) or `params` (params / nonzero params);
+    """Predicted `packed_size` (float bytes / stored bytes) or `params` (params / nonzero params);
     kernels stored as `reps`, every other parameter of the prepared model as float32."""
     from pocketflow import metrics as M
     kernels = sum(r.n for r in reps.values())
-    if metric == "compression":
+    if metric == "packed_size":
         return M.float_bytes(model) / max(1, reps_bytes(reps) + 4 * (prepared_params - kernels))
     if metric == "params":
         return M.count_params(model) / max(1, prepared_params - sum(r.zeros for r in reps.values() if r.sparse))

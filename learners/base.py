@@ -13,9 +13,10 @@ from typing import Any, Callable, ClassVar
 from pocketflow.schema import Field, validate_section
 from pocketflow.errors import ConfigError, PocketFlowError
 from pocketflow.registry import Registry
+from pocketflow.targets import FILE_METRICS, METRICS as _METRICS, SIZE_METRICS
 
 LEARNERS: Registry[type["Learner"]] = Registry("learner")
-METRICS = ("compression", "flops", "params", "latency")
+METRICS = tuple(_METRICS)
 
 
 def register(name: str):
@@ -65,6 +66,14 @@ class Learner(abc.ABC):
     def __init__(self, cfg: dict, seed: int = 0):
         self.cfg = cfg
         self.seed = seed
+        #: the file the run ships (pocketflow.targets.Shipped): what `size`, `download_size` and
+        #: `latency` are measured and predicted on; set by the run before any check
+        self.shipped = None
+
+    def ship(self, shipped) -> None:
+        """Tell the learner which file the run ships (its deploy type, calibration images, latency
+        setting); a chain tells its steps."""
+        self.shipped = shipped
 
     # -- search ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -75,13 +84,32 @@ class Learner(abc.ABC):
         """The point used without a search (uniform settings from the config)."""
         return {}
 
+    def initial_points(self, model) -> list[dict]:
+        """Points a new search runs first (e.g. the recipes a method search starts from); default none."""
+        return []
+
     def prepare_search(self, model, metric: str) -> None:
         """One-off set-up a search needs before its first trial (e.g. a measurement cached per
         machine), so it is not charged to the first trial. Default: nothing."""
 
     def predict_ratio(self, model, params: dict, metric: str) -> float:
-        """The ratio `params` will give for `metric`, computed before any training."""
+        """The ratio `params` will give for `metric`, computed before any training. The default
+        predicts `size` / `download_size` from `predicted_reps` with the shipped file's size model."""
+        if metric in SIZE_METRICS and self.shipped is not None:
+            reps = self.predicted_reps(model, params)
+            if reps is not None:
+                return self.shipped.predict(model, reps, metric, self.sparsity_pattern())
         raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'")
+
+    def sparsity_pattern(self) -> str:
+        """How this learner's zeros are laid out (the size model's gzip rates depend on it)."""
+        return self.cfg.get("pattern") or "unstructured"
+
+    def predicted_reps(self, model, params: dict, reps: dict | None = None) -> dict | None:
+        """How `params` will store each kernel (name -> learners.accounting.KernelRep, starting from
+        `reps` when a chain hands over its earlier steps'), or None if the learner cannot say; the
+        size targets are predicted from it."""
+        return None
 
     def max_ratio(self, model, metric: str) -> float:
         """The largest ratio this learner can reach: the ratio at the most compressed point of
@@ -93,9 +121,13 @@ class Learner(abc.ABC):
         before any training. Default: every model is accepted."""
 
     def check_target(self, model, metric: str, ratio: float | None) -> None:
-        """The one reachability check: a target above `max_ratio` is refused before any training."""
+        """The one reachability check: a metric the learner cannot move, or a target above
+        `max_ratio`, is refused before any training."""
         if ratio is None:
             return
+        if metric not in self.metrics:
+            raise PocketFlowError(f"learner '{self.name}' cannot target metric '{metric}'; it can target: "
+                                  f"{', '.join(self.metrics) or 'nothing (it does not compress)'}")
         top = self.max_ratio(model, metric)
         if ratio > top * 1.0001:
             raise PocketFlowError(f"target {metric} ratio {ratio:g}x is out of reach for learner "
@@ -158,20 +190,21 @@ class Learner(abc.ABC):
         """Compress a copy of `model` (never modify it in place) and fine-tune within `budget`."""
 
     def measure(self, original, compressed: Compressed, metric: str) -> float:
-        """The measured ratio of a compressed candidate (after compression, exact)."""
+        """The measured ratio of a compressed candidate (after compression, exact): the file
+        metrics on the converted file the run would ship (pocketflow.targets)."""
         from pocketflow import metrics as M
-        if metric == "compression":
+        if metric in FILE_METRICS:
+            if self.shipped is None:
+                from pocketflow.targets import Shipped
+                self.shipped = Shipped(deploy="float", representative=None)
+            return self.shipped.measure(original, compressed.deploy, metric)
+        if metric == "packed_size":
             return M.float_bytes(original) / max(1, compressed.size_bytes)
         if metric == "flops":
             return M.count_macs(original) / max(1, M.count_macs(compressed.deploy))
         if metric == "params":
             nz = compressed.nonzero_params if compressed.nonzero_params is not None else M.count_params(compressed.deploy)
             return M.count_params(original) / max(1, nz)
-        if metric == "latency":
-            from pocketflow.export import to_tflite
-            shape = tuple(original.input_shape[1:])
-            return (M.tflite_latency(to_tflite(original), shape) /
-                    M.tflite_latency(to_tflite(compressed.deploy), shape))
         raise PocketFlowError(f"unknown metric '{metric}'")
 
     def export_extra(self, compressed: Compressed, out_dir) -> dict:

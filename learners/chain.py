@@ -31,6 +31,7 @@ from pocketflow.learners.base import LEARNERS, Budget, Compressed, Learner, regi
 from pocketflow.learners.accounting import base_reps, export_packed, package, ratio_from_reps
 from pocketflow.learners.transform_learner import TransformLearner
 from pocketflow.learners.wrap import wrappers
+from pocketflow.targets import SIZE_METRICS
 from pocketflow.registry import did_you_mean
 
 _BASE_KEYS = ("name", "fine_tune", "distill")
@@ -131,6 +132,14 @@ class Chain(Learner):
     def default_params(self, model) -> dict:
         return {f"{n}/{k}": v for n, step in self.steps for k, v in step.default_params(model).items()}
 
+    def sparsity_pattern(self) -> str:
+        return next((s.sparsity_pattern() for _, s in self.steps if s.cfg.get("pattern")), "unstructured")
+
+    def ship(self, shipped) -> None:
+        super().ship(shipped)
+        for _, step in self.steps:
+            step.ship(shipped)
+
     def prepare_search(self, model, metric: str) -> None:
         if self.steps:  # the first step sees the original model (channel pruning comes first)
             self.steps[0][1].prepare_search(model, metric)
@@ -173,8 +182,20 @@ class Chain(Learner):
     def relax(self, params, beta):
         return self._each_step(params, "relax", beta)
 
+    def predicted_reps(self, model, params, reps=None):
+        """Each step describes the kernels the earlier steps left (pruned shapes, then zeros, then
+        bits); None if a step cannot say."""
+        parts = self.split(params)
+        for n, step in self.steps:
+            reps = step.predicted_reps(model, parts[n], reps)
+            if reps is None:
+                return None
+        return reps
+
     def predict_ratio(self, model, params, metric):
         from pocketflow.metrics import count_params
+        if metric in SIZE_METRICS:  # the shipped file's size model, on every step's kernels
+            return super().predict_ratio(model, params, metric)
         parts, ratio, moved = self.split(params), 1.0, False
         transforms = [(n, s) for n, s in self.steps if isinstance(s, TransformLearner)]
         for n, step in self.steps:

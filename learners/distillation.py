@@ -23,7 +23,7 @@ class Distillation(Learner):
                        "(e.g. alpha) to search over; its value is the 'width' dimension"),
         "min_width": Field(float, 0.25, check=_unit_interval),
     }
-    metrics = ("compression", "flops", "params")
+    metrics = ("packed_size", "flops", "params")
 
     def _student(self, model, params: dict):
         from pocketflow.zoo import build_model
@@ -59,7 +59,7 @@ class Distillation(Learner):
     def predict_ratio(self, model, params, metric):
         from pocketflow import metrics as M
         student = self._student(model, params)
-        fn = {"compression": M.float_bytes, "params": M.count_params, "flops": M.count_macs}.get(metric)
+        fn = {"packed_size": M.float_bytes, "params": M.count_params, "flops": M.count_macs}.get(metric)
         if fn is None:
             raise PocketFlowError(f"learner 'distillation' cannot target metric '{metric}'")
         return fn(model) / max(1, fn(student))

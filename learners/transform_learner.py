@@ -15,6 +15,7 @@ from pocketflow.learners.kernels import kernel_variable
 from pocketflow.learners.wrap import all_layers, check_cloneable, kernel_layers, wrap_model
 from pocketflow.registry import did_you_mean
 from pocketflow.schema import Field, non_negative
+from pocketflow.targets import SIZE_METRICS
 
 
 def _check_names(v):
@@ -51,7 +52,7 @@ class TransformLearner(Learner):
     wrapping on top of whatever is already wrapped (so `chain` can stack steps), fine-tuning,
     stripping, exact size accounting, prediction for `project`, and the packed export.
     """
-    metrics = ("compression",)
+    metrics = ("packed_size", "size", "download_size")
     dim: ClassVar[str] = "value"
     value_field: ClassVar[str] = "value"   # the uniform config key (e.g. 'sparsity', 'bits')
     #: where this learner's keys sit in the config, for messages (`chain` sets learner.<step>)
@@ -168,6 +169,8 @@ class TransformLearner(Learner):
         return reps
 
     def predict_ratio(self, model, params, metric):
+        if metric in SIZE_METRICS:  # the shipped file's size model
+            return super().predict_ratio(model, params, metric)
         return ratio_from_reps(model, self.predicted_reps(model, params), self.prepared_params(model),
                                metric, self.name)
 

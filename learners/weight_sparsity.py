@@ -78,7 +78,7 @@ class PruningSchedule(TrainHook):
 @register("weight_sparsity")
 class WeightSparsity(TransformLearner):
     """Magnitude masks raised on a schedule; per-layer sparsity is the search space."""
-    metrics = ("compression", "params")
+    metrics = ("packed_size", "params", "size", "download_size")
     dim = "sparsity"
     value_field = "sparsity"
     export_quantize = "int8"

@@ -25,6 +25,7 @@ class RunContext:
     resume: bool = False
     baseline: dict = field(default_factory=dict)
     rundir: object = None  # pocketflow.rundir.RunDir: locked until close()
+    shipped: object = None  # pocketflow.targets.Shipped: the file best/ will ship
 
     @property
     def target(self) -> dict:
@@ -154,12 +155,14 @@ def setup(config, overrides=(), target_ratio=None, output=None, resume=False, fo
         check_inputs(cfg, ctx.data, ctx.model)  # before the learner looks at the model
         ctx.learner = LEARNERS.get(cfg["learner"]["name"])(cfg["learner"], seed=cfg["seed"])
         ctx.learner.check(ctx.model)
+        _ship(ctx)
         ctx.learner.check_target(ctx.model, cfg["target"]["metric"], cfg["target"]["ratio"])
         reused = not pretrained and resume and reuse_baseline(ctx.model, ctx.run_dir)
         _start_writing(ctx)
         if not (pretrained or reused):
             train_baseline(ctx.model, ctx.data, cfg, ctx.run_dir)
-        ctx.baseline = _baseline(ctx.model, ctx.data)
+            _ship(ctx)  # the size model is calibrated on the trained weights (gzip depends on them)
+        ctx.baseline = _baseline(ctx.model, ctx.data, ctx.shipped)
     except BaseException:
         ctx.close(ok=False)
         raise
@@ -174,14 +177,27 @@ def _start_writing(ctx: RunContext) -> None:
         atomic_write_text(ctx.run_dir / "config.yaml", ctx.cfg.to_yaml())
 
 
-def _baseline(model, data) -> dict:
+def _ship(ctx: RunContext) -> None:
+    """Decide the file the run ships and hand it to the learner (targets are measured on it)."""
+    from pocketflow.targets import SIZE_METRICS, Shipped
+    ctx.shipped = Shipped.for_run(ctx.cfg["export"], ctx.cfg["target"], ctx.learner.export_quantize, ctx.data)
+    ctx.learner.ship(ctx.shipped)
+    t = ctx.cfg["target"]
+    if t["metric"] in SIZE_METRICS and t["ratio"] is not None:
+        ctx.shipped.size_model(ctx.model)  # calibrated now, not on the search's clock
+
+
+def _baseline(model, data, shipped) -> dict:
     from pocketflow import metrics as M
     baseline = {"val_accuracy": M.accuracy(model, data.x_val, data.y_val) if len(data.x_val) else None,
                 "test_accuracy": M.accuracy(model, data.x_test, data.y_test),
                 "params": M.count_params(model), "macs": M.count_macs(model),
-                "float_bytes": M.float_bytes(model)}
+                "float_bytes": M.float_bytes(model),
+                "tflite_bytes": int(shipped.baseline_value(model, "size")),
+                "tflite_gzip_bytes": int(shipped.baseline_value(model, "download_size"))}
     _log(f"baseline: test accuracy {baseline['test_accuracy']:.4f}, {baseline['params']:,} params, "
-         f"{baseline['macs']:,} MACs")
+         f"{baseline['macs']:,} MACs, float TFLite {baseline['tflite_bytes']:,} B "
+         f"(gzip {baseline['tflite_gzip_bytes']:,} B)")
     return baseline
 
 
@@ -202,17 +218,19 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
     from pocketflow.faults import crash_point
     from pocketflow.io import atomic_replace_dir, atomic_write_json, make_temp_dir
     from pocketflow.learners import Budget
+    from pocketflow.targets import meet_target, ratio_line, shipped_record
     cfg, learner = ctx.cfg, ctx.learner
     ft = cfg["learner"]["fine_tune"]
     t0 = time.perf_counter()
-    comp = learner.compress(ctx.model, params, ctx.data, Budget(epochs=ft["epochs"], steps=ft.get("steps")))
+    budget = Budget(epochs=ft["epochs"], steps=ft.get("steps"))
+    comp = learner.compress(ctx.model, params, ctx.data, budget)
+    params, comp = meet_target(ctx.target, learner, ctx.model, ctx.data, params, comp, budget, _log)
     metrics = {
         "learner": learner.name, "params": params, "baseline": ctx.baseline,
         "test_accuracy": M.accuracy(comp.deploy, ctx.data.x_test, ctx.data.y_test),
         "val_accuracy": M.accuracy(comp.deploy, ctx.data.x_val, ctx.data.y_val) if len(ctx.data.x_val) else None,
         "size_bytes": comp.size_bytes, "params_count": M.count_params(comp.deploy),
         "macs": M.count_macs(comp.deploy), "info": comp.info,
-        "ratios": {m: learner.measure(ctx.model, comp, m) for m in ("compression", "flops", "params")},
         "target": ctx.target, "fine_tune_seconds": time.perf_counter() - t0,
     }
     if search_summary:
@@ -227,11 +245,18 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
             if "path" in entry:
                 entry["path"] = str(best / Path(entry["path"]).name)
         metrics["exports"] = files["files"]
+        metrics.update(shipped_record(ctx.shipped, ctx.model, ctx.learner, comp, staging, metrics["exports"]))
+        t = ctx.target
+        if t["ratio"] is not None:
+            from pocketflow.targets import TOLERANCE
+            metrics["target_met"] = bool(metrics["ratios"][t["metric"]] >= t["ratio"] * (1 - TOLERANCE))
         atomic_write_json(staging / "metrics.json", metrics)
         crash_point("final_export")  # everything written, nothing swapped in yet
         atomic_replace_dir(staging, best)
-        _log(f"best model: {best / 'model.keras'} (test accuracy {metrics['test_accuracy']:.4f}, "
-             + ", ".join(f"{k} {v:.2f}x" for k, v in metrics["ratios"].items()) + ")")
+        _log(f"best model: {best / 'model.keras'} (test accuracy {metrics['test_accuracy']:.4f}"
+             + (f"; shipped {ctx.shipped.file}: test accuracy {metrics['shipped']['test_accuracy']:.4f}"
+                if metrics["shipped"].get("test_accuracy") is not None else "") + ")")
+        _log("ratios: " + ratio_line(metrics["measured"]))
         _log("exported: " + ", ".join(
             f"{Path(e['path']).name} {e['bytes']:,} B" + (f" (gzip {e['gzip_bytes']:,} B)" if "gzip_bytes" in e else "")
             for e in metrics["exports"].values() if "path" in e and "bytes" in e))
@@ -332,11 +357,11 @@ def export(model_path, formats=("tflite",), quantize: str | None = None, data: d
         return export_model(model, out, **kw)
     with locked(run), editing_best(run) as staging:
         res = export_model(model, staging, **kw)
-        _describe_exports(staging / "metrics.json", res["files"], best)
+        _describe_exports(staging / "metrics.json", res["files"], best, tuple(model.input_shape[1:]))
     return res
 
 
-def _describe_exports(metrics_path: Path, files: dict, best: Path) -> None:
+def _describe_exports(metrics_path: Path, files: dict, best: Path, input_shape: tuple) -> None:
     """Record freshly written files in metrics.json (sizes, checks) with their final paths."""
     import json
 
@@ -349,6 +374,12 @@ def _describe_exports(metrics_path: Path, files: dict, best: Path) -> None:
     for entry in exports.values():  # where they are now (the run directory may have been moved)
         if "path" in entry and (metrics_path.parent / Path(entry["path"]).name).exists():
             entry["path"] = str(best / Path(entry["path"]).name)
+    shipped = (metrics.get("shipped") or {}).get("file")
+    if shipped in {Path(e["path"]).name for e in files.values() if "path" in e}:
+        from pocketflow.targets import remeasure
+        remeasure(metrics, (metrics_path.parent / shipped).read_bytes(), input_shape)
+        metrics["shipped"]["test_accuracy"] = next((e.get("test_accuracy") for e in files.values()
+                                                    if Path(e.get("path", "")).name == shipped), None)
     atomic_write_json(metrics_path, metrics)
 
 

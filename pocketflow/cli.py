@@ -131,7 +131,9 @@ def _cmd_best(args):
         print(f"best trial: #{trial}")
     print(f"params: {m['params']}")
     print(f"test accuracy: {m['test_accuracy']:.4f}")
-    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in m["ratios"].items()))
+    from pocketflow.targets import ratio_line
+    print("ratios: " + (ratio_line(m["measured"]) if "measured" in m else
+                        ", ".join(f"{k} {v:.2f}x" for k, v in m["ratios"].items())))
     print(f"checkpoint: {m['checkpoint']}")
     return 0
 

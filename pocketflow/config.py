@@ -16,8 +16,11 @@ import yaml
 from pocketflow.errors import ConfigError, PocketFlowError
 from pocketflow.plugins import import_modules
 from pocketflow.registry import did_you_mean
+from pocketflow.targets import ALIASES, FILE_METRICS, METRICS, canonical
 from pocketflow.schema import (DISTILL, TRAIN, Field, check_value, image_size, in_unit,  # noqa: F401
                                non_negative, plain_name, positive, validate_section)
+
+TARGET_METRICS = tuple(METRICS) + tuple(ALIASES)
 
 SCHEMA: dict[str, Field] = {
     "name": Field(str, "run", check=plain_name, help="run name: output goes to <output.dir>/<name>"),
@@ -47,8 +50,12 @@ SCHEMA: dict[str, Field] = {
         # learner-specific keys are validated against the learner's own `params`
     }, open=True),
     "target": Field(schema={
-        "metric": Field(str, "compression", choices=("compression", "flops", "params", "latency")),
+        "metric": Field(str, "size", choices=TARGET_METRICS,
+                        help="size | download_size | latency (the shipped TFLite file) | flops | params | "
+                             "packed_size (compression: its alias)"),
         "ratio": Field((float, type(None)), None),
+        "batch": Field(int, 1, check=positive, help="latency: the batch the file is timed at"),
+        "threads": Field(int, 1, check=positive, help="latency: interpreter threads"),
     }),
     "search": Field(schema={
         "optimizer": Field(str, "none", help="none | tpe | gp | random | grid"),
@@ -121,6 +128,7 @@ class Config:
         from pocketflow.io import redact_url, to_builtin
         data = to_builtin(self.data)
         data["search"]["storage"] = redact_url(data["search"]["storage"])
+        data["learner"].pop("resolved", None)  # learner: auto's methods as chains: derived on load
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -167,16 +175,25 @@ def load_config(source=None, overrides=(), target_ratio=None, **sections) -> Con
         import_modules(plugins, "plugins")
     except PocketFlowError as e:
         raise ConfigError(f"{name}: {e}") from None
-    notes = _resolve_learner(raw)
+    notes = _resolve_metric(raw) + _resolve_learner(raw)
     data = validate_section(raw, SCHEMA, "", name)
     _validate_cross(data, name)
     _refuse_ignored(raw, data, name)
     return Config(data=data, source=name, raw=raw, notes=notes)
 
 
+def _resolve_metric(raw: dict) -> list[str]:
+    """An alias of a target metric (`compression`) is replaced by its name, with a notice."""
+    target = raw.get("target")
+    if not (isinstance(target, dict) and isinstance(target.get("metric"), str)):
+        return []
+    target["metric"], note = canonical(target["metric"])
+    return [note] if note else []
+
+
 def _resolve_learner(raw: dict) -> list[str]:
-    """`learner: NAME` is short for `learner: {name: NAME}`; `auto` picks the learner from the
-    target metric (pocketflow.learners.auto). Returns what was decided, for the log."""
+    """`learner: NAME` is short for `learner: {name: NAME}`; `auto` gets the methods it searches
+    from the target metric (pocketflow.learners.auto). Returns what was decided, for the log."""
     sec = raw.get("learner")
     if isinstance(sec, str):
         sec = raw["learner"] = {"name": sec}
@@ -185,10 +202,11 @@ def _resolve_learner(raw: dict) -> list[str]:
     target = raw.get("target") if isinstance(raw.get("target"), dict) else {}
     metric = target.get("metric", SCHEMA["target"].schema["metric"].default)
     from pocketflow.learners.auto import resolve_auto
-    raw["learner"] = resolve_auto(sec, metric)
-    steps = raw["learner"].get("steps")
-    chosen = raw["learner"]["name"] + (f" ({' -> '.join(steps)})" if steps else "")
-    return [f"learner: auto chose {chosen} for a {metric} target"]
+    try:
+        raw["learner"], note = resolve_auto(sec, metric)
+    except PocketFlowError as e:
+        raise ConfigError(str(e)) from None
+    return [note] if note else []
 
 
 def _validate_cross(d: dict, source: str) -> None:
@@ -198,6 +216,10 @@ def _validate_cross(d: dict, source: str) -> None:
     ratio = d["target"]["ratio"]
     if ratio is not None and not ratio > 1:
         raise ConfigError(f"{source}: 'target.ratio' must be > 1 (a compression factor), got {ratio!r}")
+    metric = d["target"]["metric"]
+    if metric in FILE_METRICS and ratio is not None and "tflite" not in d["export"]["formats"]:
+        raise ConfigError(f"{source}: target metric '{metric}' is measured on the TFLite file the run ships; "
+                          "add tflite to export.formats")
     LEARNERS.get(d["learner"]["name"]) if d["learner"]["name"] in LEARNERS else _unknown(
         "learner.name", d["learner"]["name"], LEARNERS.names(), source)
     validate_learner_section(d["learner"], source)
@@ -250,7 +272,7 @@ def _ignored_keys(raw: dict, d: dict) -> list[tuple[str, str]]:
         out.append(("export.quantize", "without tflite in export.formats; add tflite or remove it"))
     learner = d["learner"]
     distill = _given(_given(raw, "learner"), "distill")
-    if learner["name"] not in ("distillation", "chain") and not learner["distill"]["enabled"]:
+    if learner["name"] not in ("distillation", "chain", "auto") and not learner["distill"]["enabled"]:
         out += [(f"learner.distill.{k}", "unless learner.distill.enabled is true; enable it or remove it")
                 for k in ("temperature", "weight") if k in distill and distill[k] != DISTILL[k].default]
     return out

@@ -28,6 +28,7 @@ SUITES = {  # name -> (script, what it measures)
     "search": ("search.py", "GP vs TPE vs random vs uniform at 2x FLOPs; search overhead"),
     "bits": ("bits.py", "uniform 8/4/2-bit, non-uniform 4/2-bit, fixed vs searched per-layer bits"),
     "horovod": ("horovod.py", "throughput: 1 process vs horovodrun -np 2"),
+    "auto": ("auto.py", "learner: auto on the shipped configs (pocketflow run) vs the best hand recipes"),
 }
 
 

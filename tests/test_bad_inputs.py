@@ -1,7 +1,8 @@
 """The bad-input corpus: every mistake a user makes gets one readable line and a non-zero exit.
 
-Each case runs the real CLI in a subprocess and asserts the message text, the exit code and the
-absence of a traceback. A trial that goes wrong (NaN loss) is not an error of the run: it is
+Each case runs the real CLI and asserts the message text, the exit code and the absence of a
+traceback: `pocketflow.cli.main` in this process for mistakes found before anything runs (config,
+data and model files: seconds each), `python -m pocketflow` in a subprocess from the run on. A trial that goes wrong (NaN loss) is not an error of the run: it is
 recorded as a failed trial with its reason and the search goes on.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import SMALL_NPZ, assert_one_line_error, run_cli, user_layer_module
+from conftest import SMALL_NPZ, assert_one_line_error, run_cli, run_cli_inprocess, user_layer_module
 
 DATA = f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1, limit_train: 600}}\n"
 SMALL = DATA + "model: {name: seed_cnn}\ntrain: {epochs: 1, verbose: false}\n"
@@ -24,6 +25,14 @@ def run(tmp_path, text: str | None, *extra, env=None):
     if text is not None:
         cfg.write_text(text)
     return run_cli("run", cfg, "--output", tmp_path / "runs", *extra, cwd=tmp_path, env=env)
+
+
+def run_fast(tmp_path, text: str | None, *extra):
+    """`run`, in this process: for a mistake found before anything runs."""
+    cfg = tmp_path / "c.yaml"
+    if text is not None:
+        cfg.write_text(text)
+    return run_cli_inprocess("run", cfg, "--output", tmp_path / "runs", *extra, cwd=tmp_path)
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -55,18 +64,18 @@ CONFIG_CASES = {
 @pytest.mark.parametrize("name", list(CONFIG_CASES))
 def test_config_mistakes(tmp_path, name):
     text, extra, pieces = CONFIG_CASES[name]
-    assert_one_line_error(run(tmp_path, text, *extra), *pieces)
+    assert_one_line_error(run_fast(tmp_path, text, *extra), *pieces)
 
 
 def test_config_file_not_found(tmp_path):
-    assert_one_line_error(run(tmp_path, None), "c.yaml", "config file not found")
+    assert_one_line_error(run_fast(tmp_path, None), "c.yaml", "config file not found")
 
 
 # -- data -----------------------------------------------------------------------------------------
 
 def test_missing_data_file(tmp_path):
     text = "data: {name: npz, path: /nonexistent/x.npz}\nmodel: {name: seed_cnn}\n"
-    assert_one_line_error(run(tmp_path, text), "/nonexistent/x.npz", "data file not found")
+    assert_one_line_error(run_fast(tmp_path, text), "/nonexistent/x.npz", "data file not found")
 
 
 @pytest.mark.parametrize("content", [b"not a zip at all", SMALL_NPZ.read_bytes()[:3000]], ids=["garbage", "truncated"])
@@ -74,7 +83,7 @@ def test_corrupt_data_file(tmp_path, content):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(content)
     text = f"data: {{name: npz, path: {bad}}}\nmodel: {{name: seed_cnn}}\n"
-    assert_one_line_error(run(tmp_path, text), "bad.npz", "not a readable .npz file")
+    assert_one_line_error(run_fast(tmp_path, text), "bad.npz", "not a readable .npz file")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -167,7 +176,7 @@ def test_resume_of_a_run_that_never_existed(tmp_path):
 def test_unreachable_storage_is_one_line_and_hides_the_password(tmp_path):
     text = SMALL + textwrap.dedent("""\
         learner: {name: weight_sparsity}
-        target: {ratio: 4}
+        target: {metric: download_size, ratio: 4}
         search: {optimizer: tpe, trials: 2, storage: 'postgresql+psycopg2://user:topsecret@127.0.0.1:1/db'}
         """)
     proc = run(tmp_path, text)

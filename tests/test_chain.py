@@ -107,8 +107,8 @@ def test_chain_size_is_that_of_the_final_representation(chained, trained_seed_cn
         dense = math.ceil(3 * n / 8) + 4 * 8
         assert comp.info["layers"][name]["bytes"] == min(bitmap, csr, dense)
     params = learner.default_params(trained_seed_cnn)
-    assert learner.measure(trained_seed_cnn, comp, "compression") == pytest.approx(
-        learner.predict_ratio(trained_seed_cnn, params, "compression"), rel=1e-3)
+    assert learner.measure(trained_seed_cnn, comp, "packed_size") == pytest.approx(
+        learner.predict_ratio(trained_seed_cnn, params, "packed_size"), rel=1e-3)
     files = learner.export_extra(comp, tmp_path)
     assert files["packed"]["bytes"] == comp.info["kernel_bytes"] == (tmp_path / "weights_packed.bin").stat().st_size
     decoded = read_packed(files["packed"]["path"], files["packed_manifest"]["path"])
@@ -124,12 +124,12 @@ def test_chain_search_space_scale_and_projection(trained_seed_cnn):
                           "uniform_quant/bits/conv", "uniform_quant/bits/logits"}
     p = learner.default_params(model)
     assert set(p) == set(space)
-    lo, hi = (learner.predict_ratio(model, learner.scale(p, a), "compression") for a in (0.0, 1.0))
+    lo, hi = (learner.predict_ratio(model, learner.scale(p, a), "packed_size") for a in (0.0, 1.0))
     assert lo > hi
-    q = learner.project(model, p, "compression", 20.0)
-    assert learner.predict_ratio(model, q, "compression") >= 20.0
+    q = learner.project(model, p, "packed_size", 20.0)
+    assert learner.predict_ratio(model, q, "packed_size") >= 20.0
     with pytest.raises(PocketFlowError, match="belongs to no step"):
-        learner.predict_ratio(model, {"sparsity/conv": 0.5}, "compression")
+        learner.predict_ratio(model, {"sparsity/conv": 0.5}, "packed_size")
 
 
 def test_chain_step_budgets_follow_their_fine_tune_epochs():

@@ -11,7 +11,7 @@ from conftest import learner_cfg
 
 keras = pytest.importorskip("keras")
 
-from pocketflow.errors import ConfigError  # noqa: E402
+from pocketflow.errors import ConfigError, PocketFlowError  # noqa: E402
 from pocketflow.export import to_tflite  # noqa: E402
 from pocketflow.learners import LEARNERS  # noqa: E402
 from pocketflow.learners.channel_pruning.counts import COUNT, allowed_counts, to_params  # noqa: E402
@@ -196,7 +196,7 @@ def test_prepare_search_builds_the_table_before_the_first_projection(resnet, cac
     """The search calls prepare_search before its clock starts: the one-off table is not charged
     to the first trial's projection; targets the exchange does not serve build nothing."""
     lr = learner()
-    lr.prepare_search(resnet, "compression")
+    lr.prepare_search(resnet, "packed_size")
     assert lr._tables == {}
     lr.prepare_search(resnet, "flops")
     table = lr.latency_table(resnet)
@@ -204,3 +204,133 @@ def test_prepare_search_builds_the_table_before_the_first_projection(resnet, cac
     off = learner(latency_aware=False)
     off.prepare_search(resnet, "flops")
     assert off._tables == {}
+
+
+# -- int8 deploys -----------------------------------------------------------------------------------
+
+def _convnet(width: int = 32):
+    """Three 3x3 convs (the last strided) + GAP + Dense on 28x28x1: small enough to time in seconds,
+    wide enough that 25% of its channels is clearly faster than all of them."""
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((28, 28, 1), name="input")
+    x = L.Conv2D(width, 3, padding="same", activation="relu", name="c1")(inp)
+    x = L.Conv2D(width, 3, padding="same", activation="relu", name="c2")(x)
+    x = L.Conv2D(2 * width, 3, strides=2, padding="same", activation="relu", name="c3")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, L.Dense(10, name="logits")(x))
+
+
+@pytest.fixture(scope="module")
+def convnet():
+    from pocketflow.learners.channel_pruning.groups import analyse
+    m = _convnet()
+    return m, analyse(m)
+
+
+class _Counting(LatencyTable):
+    """A real table that counts its (real) measurements."""
+    calls = 0
+
+    def _measure(self, spec, cin, cout):
+        type(self).calls += 1
+        return super()._measure(spec, cin, cout)
+
+
+def test_int8_table_entries_are_cached_under_their_own_keys(convnet, tmp_path, capsys):
+    m, g = convnet
+    path = tmp_path / "latency_table.json"
+    sides = side_counts(g, 1, 32, 0.5)
+    tables = {}
+    for deploy in ("float", "int8"):
+        _Counting.calls = 0
+        tables[deploy] = _Counting(m, g, sides, settings=((1, 1),), cache=path, deploy=deploy)
+        assert _Counting.calls == len(tables[deploy]._t) > 0, deploy  # nothing shared: all measured
+        assert f"for the {deploy} latency table" in capsys.readouterr().out
+    f, q = tables["float"], tables["int8"]
+    assert list(f.layers) == list(q.layers) == ["c1", "c2", "c3", "logits"] and q.deploy == "int8"
+    assert not set(f._t) & set(q._t)
+    (_, entries), = json.loads(path.read_text()).items()
+    assert set(entries) == set(f._t) | set(q._t)
+    for key in f._t:  # the float key format is the one caches were written with
+        sig = json.loads(key)
+        assert len(sig) == 5 and json.dumps([*sig, "int8"], sort_keys=True) in q._t
+    # a second int8 table loads everything from the cache: no measurement, the same predictions
+    _Counting.calls = 0
+    again = _Counting(m, g, sides, settings=((1, 1),), cache=path, deploy="int8")
+    assert _Counting.calls == 0 and "measured" not in capsys.readouterr().out
+    assert again._t == q._t
+    half = {gr.id: gr.size // 2 for gr in g.prunable}
+    assert again.cost(half) == q.cost(half) < 1.0
+    with pytest.raises(PocketFlowError, match="deploy"):
+        LatencyTable(m, g, sides, cache=path, deploy="float16")
+
+
+def test_pruned_ms_int8_times_a_full_integer_file(convnet, monkeypatch):
+    from pocketflow import metrics
+    from pocketflow.learners.channel_pruning.latency_table import pruned_ms
+    m, g = convnet
+    seen = []
+
+    class Recording(TFLiteRunner):  # the real interpreter; records which file it was given
+        def __init__(self, model, *a, **kw):
+            super().__init__(model, *a, **kw)
+            seen.append((self.inp["dtype"], self.out["dtype"], dict(self.inp)["shape"].tolist()))
+    monkeypatch.setattr(metrics, "TFLiteRunner", Recording)
+    counts = {gr.id: gr.size // 4 for gr in g.prunable}
+    t8 = pruned_ms(m, g, counts, deploy="int8")
+    tf = pruned_ms(m, g, counts)
+    assert t8 > 0 and tf > 0
+    assert seen == [(np.int8, np.int8, [1, 28, 28, 1]), (np.float32, np.float32, [1, 28, 28, 1])]
+    with pytest.raises(PocketFlowError, match="deploy"):
+        pruned_ms(m, g, counts, deploy="int4")
+
+
+def test_int8_table_ranks_prunings_as_measured(convnet, tmp_path):
+    from pocketflow.learners.channel_pruning.latency_table import pruned_ms
+    m, g = convnet
+    table = LatencyTable(m, g, side_counts(g, 1, 32, 0.25), settings=((1, 1),), cache=tmp_path / "t.json",
+                         deploy="int8")
+    full = {gr.id: gr.size for gr in g.prunable}
+    quarter = {gr.id: gr.size // 4 for gr in g.prunable}
+    predicted = table.cost(quarter)
+    assert 0 < predicted < 0.7 * table.cost(full) and table.cost(full) == pytest.approx(1.0)
+    measured = {k: min(pruned_ms(m, g, c, deploy="int8") for _ in range(3)) for k, c in
+                (("full", full), ("quarter", quarter))}
+    assert measured["quarter"] < measured["full"], measured
+
+
+def test_int8_counts_between_close_measurements_cost_the_next_step(convnet):
+    """int8 kernels pad both channel counts to a tile (8 on AVX2): with measurements every 4th count,
+    9-11 channels cost what 12 does (linear from 8 would say less); across the wide 16..32 gap of the
+    tile-32 grid the table stays linear. Float keeps linear interpolation everywhere."""
+    m, g = convnet
+
+    def staircase(spec, cin, cout):  # 1 us per 8-channel tile on each side
+        return {"b1_t1": float(np.ceil(cin / 8) * np.ceil(cout / 8))}
+    sides = side_counts(g, 1, 32, 0.1)
+    q = LatencyTable(m, g, sides, settings=((1, 1),), measure=staircase, deploy="int8")
+    f = LatencyTable(m, g, sides, settings=((1, 1),), measure=staircase)
+    spec = q.layers["c3"]  # 32 -> 64
+    assert spec["out"] == [7, 8, 12, 16, 32, 64] and spec["in"] == [4, 8, 12, 16, 32]
+    for c in (9, 10, 11, 13, 16):
+        assert q.layer_ms("c3", 32, c, (1, 1)) == pytest.approx(staircase(spec, 32, c)["b1_t1"])
+        assert q.layer_ms("c3", c, 64, (1, 1)) == pytest.approx(staircase(spec, c, 64)["b1_t1"])
+    assert f.layer_ms("c3", 32, 9, (1, 1)) < q.layer_ms("c3", 32, 9, (1, 1))
+    assert q.layer_ms("c3", 32, 24, (1, 1)) == pytest.approx(f.layer_ms("c3", 32, 24, (1, 1))) == pytest.approx(12.0)
+
+
+def test_latency_target_of_an_int8_shipping_run_is_against_the_float_baseline_file(trained_seed_cnn, small_data):
+    """A `latency` ratio is the float baseline file's time over the shipped file's: with an int8
+    ship, the unpruned point predicts float/int8 (not 1), from timings of both file types."""
+    from pocketflow.targets import Shipped
+    lr = LEARNERS.get("channel_pruning")(learner_cfg("channel_pruning"))
+    full = {k: 1.0 for k in lr.default_params(trained_seed_cnn)}
+    assert lr.predict_ratio(trained_seed_cnn, full, "latency") == 1.0  # float ship: the same file
+    lr.ship(Shipped(deploy="int8", representative=small_data.representative()))
+    r = lr.predict_ratio(trained_seed_cnn, full, "latency")
+    kinds = {key[1] for key in lr._latency}
+    assert kinds == {"float", "int8"} and r != 1.0 and 0.05 < r < 20
+    g = lr.graph(trained_seed_cnn)
+    counts = lr._counts(g, full)
+    assert r == lr._latency_ms(trained_seed_cnn, g, counts, "float") / lr._latency_ms(trained_seed_cnn, g, counts, "int8")

@@ -119,3 +119,11 @@ def test_export_into_best_updates_metrics(finished_run, tmp_path):
             assert entry["bytes"] == f.stat().st_size, key
             assert entry["gzip_bytes"] == gzip_size(f), key
     assert not list(run.glob(".best*"))  # the staging copy was swapped in, nothing left over
+    # the shipped file's ratios were measured again on the new file (issue 14: they name it)
+    m = json.loads((best / "metrics.json").read_text())
+    assert m["shipped"]["file"] == "model_int8.tflite" and m["shipped"]["bytes"] == new["bytes"]
+    assert m["shipped"]["test_accuracy"] == new["test_accuracy"]
+    for metric, value in (("size", new["bytes"]), ("download_size", new["gzip_bytes"])):
+        r = m["measured"][metric]
+        assert r["value"] == value and r["file"] == "model_int8.tflite"
+        assert m["ratios"][metric] == r["ratio"] == pytest.approx(r["baseline_value"] / value)

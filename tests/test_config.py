@@ -1,5 +1,6 @@
 """The config schema: defaults, overrides, and one-line errors naming file and key."""
 import pytest
+import yaml
 
 from conftest import ROOT
 
@@ -20,7 +21,7 @@ def test_defaults_filled_and_types_kept():
     assert cfg["train"]["batch_size"] == 128
     assert cfg["learner"]["name"] == "full_precision"
     assert cfg["learner"]["fine_tune"]["optimizer"] == "adam"
-    assert cfg["target"]["metric"] == "compression"
+    assert cfg["target"]["metric"] == "size"  # the shipped TFLite file's bytes
 
 
 def test_dotted_overrides_parse_yaml_values():
@@ -76,21 +77,53 @@ def test_yaml_is_loaded_safely(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("metric, name, steps", [
-    ("compression", "chain", ["weight_sparsity", "uniform_quant"]),
-    ("flops", "channel_pruning", None),
-    ("latency", "channel_pruning", None),
-    ("params", "weight_sparsity", None),
-])
-def test_learner_auto_follows_the_target_metric(metric, name, steps):
+@pytest.mark.parametrize("metric", ["download_size", "packed_size", "size", "flops", "latency", "params"])
+def test_learner_auto_searches_the_methods_the_target_metric_calls_for(metric):
+    from pocketflow.learners.auto import METHODS, method_name
     cfg = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"},
-                       "learner": {"name": "auto", "fine_tune": {"epochs": 2}},
+                       "learner": {"name": "auto", "fine_tune": {"epochs": 2, "learning_rate": 1e-3}},
                        "target": {"metric": metric, "ratio": 2}})
-    assert cfg["learner"]["name"] == name
-    assert cfg["learner"].get("steps") == steps
-    assert cfg["learner"]["fine_tune"]["epochs"] == 2  # the user's shared keys are kept
-    assert cfg.notes == [f"learner: auto chose {name}" + (f" ({' -> '.join(steps)})" if steps else "")
-                         + f" for a {metric} target"]
+    assert cfg["learner"]["name"] == "auto" and cfg["learner"]["methods"] == METHODS[metric]
+    names = [method_name(m) for m in METHODS[metric]]
+    assert cfg.notes == [f"learner: auto searches {len(names)} method(s) for a {metric} target: " + " | ".join(names)]
+    for steps, name in zip(METHODS[metric], names):  # each method: a chain with the recipe's defaults
+        chain = cfg["learner"]["resolved"][name]
+        assert chain["steps"] == steps and chain["fine_tune"]["epochs"] == 2  # the user's shared keys
+        lrs = [chain[s]["fine_tune"]["learning_rate"] for s in steps]
+        assert lrs == pytest.approx([1e-3 * 0.5 ** i for i in range(len(steps))])
+        epochs = [chain[s]["fine_tune"]["epochs"] for s in steps]
+        assert sum(epochs) == pytest.approx(2) if len(steps) > 1 else epochs == [2]
+
+
+def test_learner_auto_takes_the_users_methods_and_step_settings():
+    cfg = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"},
+                       "learner": {"name": "auto", "methods": [["weight_sparsity", "uniform_quant"]],
+                                   "uniform_quant": {"bits": 6, "fine_tune": {"learning_rate": 0.01}}},
+                       "target": {"metric": "download_size", "ratio": 4}})
+    assert cfg.notes == [] and list(cfg["learner"]["resolved"]) == ["weight_sparsity+uniform_quant"]
+    uq = cfg["learner"]["resolved"]["weight_sparsity+uniform_quant"]["uniform_quant"]
+    assert uq["bits"] == 6 and uq["fine_tune"]["learning_rate"] == 0.01
+    assert "resolved" not in cfg.to_yaml() and load_config(yaml.safe_load(cfg.to_yaml()))["learner"]["methods"] == \
+        [["weight_sparsity", "uniform_quant"]]  # config.yaml reloads
+    with pytest.raises(ConfigError, match="'learner.methods' lists a method twice"):
+        load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"},
+                     "learner": {"name": "auto", "methods": [["uniform_quant"], ["uniform_quant"]]}})
+    with pytest.raises(ConfigError, match="unknown key 'learner.channel_pruning'"):
+        load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"},
+                     "learner": {"name": "auto", "methods": [["uniform_quant"]], "channel_pruning": {}}})
+
+
+def test_compression_is_an_alias_of_packed_size_with_a_notice():
+    cfg = load_config({**BASE, "target": {"metric": "compression", "ratio": 4}})
+    assert cfg["target"]["metric"] == "packed_size"
+    assert len(cfg.notes) == 1 and "'compression' is 'packed_size'" in cfg.notes[0] and "'size'" in cfg.notes[0]
+    assert load_config({**BASE, "target": {"metric": "size"}}).notes == []
+
+
+def test_a_file_target_needs_the_tflite_export():
+    with pytest.raises(ConfigError, match="target metric 'download_size' is measured on the TFLite file.*add tflite"):
+        load_config({**BASE, "target": {"metric": "download_size", "ratio": 4}, "export": {"formats": ["keras"]}})
+    load_config({**BASE, "target": {"metric": "flops", "ratio": 2}, "export": {"formats": ["keras"]}})
 
 
 def test_learner_may_be_given_by_name_alone():
@@ -109,3 +142,19 @@ def test_a_runs_own_config_yaml_loads_again(tmp_path):
         cfg = load_config(raw if isinstance(raw, dict) else ROOT / raw)
         again = load_config(yaml.safe_load(cfg.to_yaml()))
         assert again.to_yaml() == cfg.to_yaml()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_and_name_what_they_measure(path):
+    """Every config in configs/ validates as shipped (a user's model given with --set where the
+    config leaves model.name empty), uses a metric's own name (no alias notice) and reloads from
+    its config.yaml."""
+    from pocketflow.targets import METRICS
+    raw = yaml.safe_load(path.read_text())
+    overrides = [] if raw["model"]["name"] else ["model.name=users_model.keras"]
+    if not raw["model"]["name"]:
+        with pytest.raises(ConfigError, match="missing required key 'model.name'"):
+            load_config(path)
+    cfg = load_config(path, overrides)
+    assert cfg["target"]["metric"] in METRICS and not any("alias" in n or "is 'packed_size'" in n for n in cfg.notes)
+    assert load_config(yaml.safe_load(cfg.to_yaml())).to_yaml() == cfg.to_yaml()

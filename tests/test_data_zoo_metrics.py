@@ -145,3 +145,20 @@ def test_module_function_models(tmp_path, monkeypatch):
 def test_gzip_size_is_deterministic(tmp_path):
     data = bytes(range(256)) * 100
     assert M.gzip_size(data) == M.gzip_size(data) < len(data)
+
+
+def test_mnist_by_name_reads_the_offline_copy_without_deleting_it(tmp_path, monkeypatch, small_npz):
+    """`data.name: mnist` offline: scripts/setup.sh puts an mnist.npz into the Keras cache, whose
+    bytes need not match Keras's download hash (keras.datasets would delete it and go online)."""
+    import numpy as np
+
+    from pocketflow.data import load_dataset
+    cache = tmp_path / "datasets"
+    cache.mkdir()
+    with np.load(small_npz) as z:
+        arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    np.savez(cache / "mnist.npz", **arrays)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    d = load_dataset({"name": "mnist", "val_split": 0.0})
+    assert d.x_train.shape[0] == len(arrays["x_train"]) and d.x_test.shape[0] == len(arrays["x_test"])
+    assert (cache / "mnist.npz").is_file()

@@ -179,7 +179,7 @@ def _config(arena: dict, case: dict, data_path: Path) -> dict:
     cfg = {"name": "fz", "data": {"name": "npz", "path": str(data_path), "val_split": 0.2},
            "model": model, "train": {"steps": 1, "batch_size": 16, "verbose": False},
            "learner": {"name": case["learner"], "fine_tune": {"steps": 1, "batch_size": 16, "verbose": False}},
-           "target": {"metric": "compression", "ratio": case["ratio"]},
+           "target": {"metric": "packed_size", "ratio": case["ratio"]},
            "search": {"optimizer": "none"}, "export": {"formats": ["keras"], "verify": False},
            "output": {"dir": str(arena["dir"] / "runs")}}
     for op, key, value in case["mutations"]:

@@ -289,6 +289,6 @@ def test_a_search_prints_no_tf_function_retracing_warning(tmp_path):
     """Every trial predicts with new models, each traced once by design (pocketflow.metrics)."""
     data = write_npz(tmp_path / "d.npz", n_train=300, n_test=100)
     proc = run(tmp_path, data=data, subprocess=True, learner={"name": "weight_sparsity", "fine_tune": {"verbose": False}},
-               target={"ratio": 2}, search={"optimizer": "random", "trials": 4, "pruner": "none", "trial_steps": 3})
+               target={"metric": "packed_size", "ratio": 2}, search={"optimizer": "random", "trials": 4, "pruner": "none", "trial_steps": 3})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "retracing" not in proc.stderr

@@ -24,20 +24,20 @@ class TestFullPrecision(BuiltIn):
 
 
 class TestWeightSparsity(BuiltIn):
-    learner, target = "weight_sparsity", ("compression", 3.0)
+    learner, target = "weight_sparsity", ("packed_size", 3.0)
 
 
 class TestUniformQuant(BuiltIn):
-    learner, target, overshoot = "uniform_quant", ("compression", 6.0), 1.6
+    learner, target, overshoot = "uniform_quant", ("packed_size", 6.0), 1.6
 
 
 class TestNonuniformQuant(BuiltIn):
-    learner, target, overshoot = "nonuniform_quant", ("compression", 10.0), 1.6
+    learner, target, overshoot = "nonuniform_quant", ("packed_size", 10.0), 1.6
 
 
 class TestChain(BuiltIn):
     learner, section = "chain", {"steps": ["weight_sparsity", "uniform_quant"]}
-    target, overshoot = ("compression", 8.0), 1.6  # integer bits: the ratio moves in steps
+    target, overshoot = ("packed_size", 8.0), 1.6  # integer bits: the ratio moves in steps
 
 
 class TestChannelPruning(BuiltIn):
@@ -46,3 +46,9 @@ class TestChannelPruning(BuiltIn):
 
 class TestDistillation(BuiltIn):
     learner = "distillation"
+
+
+class TestAuto(BuiltIn):
+    """A method search: the corners of its space are its first and last method."""
+    learner, section = "auto", {"methods": [["weight_sparsity", "uniform_quant"], ["uniform_quant"]]}
+    target, overshoot = ("packed_size", 6.0), 1.6

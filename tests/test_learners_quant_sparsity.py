@@ -137,8 +137,8 @@ def test_sparsity_size_accounting_is_exact(sparse80, trained_seed_cnn, tmp_path)
     nnz = n - math.ceil(0.8 * n)
     assert tuned.info["layers"]["logits"]["layout"] == "bitmap"
     assert tuned.info["layers"]["logits"]["bytes"] == math.ceil(n / 8) + 4 * nnz
-    assert learner.measure(model, tuned, "compression") == pytest.approx(
-        learner.predict_ratio(model, params, "compression"), rel=1e-3)
+    assert learner.measure(model, tuned, "packed_size") == pytest.approx(
+        learner.predict_ratio(model, params, "packed_size"), rel=1e-3)
     assert learner.measure(model, tuned, "params") == pytest.approx(
         learner.predict_ratio(model, params, "params"), rel=1e-3)
     files = learner.export_extra(tuned, tmp_path)
@@ -154,11 +154,11 @@ def test_sparsity_projection_meets_target(trained_seed_cnn):
     model = trained_seed_cnn
     space = learner.search_space(model)
     assert set(space) == {"sparsity/conv", "sparsity/logits"}
-    p = learner.project(model, learner.default_params(model), "compression", 8.0)
-    assert 8.0 <= learner.predict_ratio(model, p, "compression") <= 8.0 * 1.05
+    p = learner.project(model, learner.default_params(model), "packed_size", 8.0)
+    assert 8.0 <= learner.predict_ratio(model, p, "packed_size") <= 8.0 * 1.05
     assert all(0 <= v < 1 for v in p.values())
     with pytest.raises(PocketFlowError, match="out of reach"):
-        learner.project(model, learner.default_params(model), "compression", 1000.0)
+        learner.project(model, learner.default_params(model), "packed_size", 1000.0)
     with pytest.raises(PocketFlowError):
         learner.predict_ratio(model, p, "flops")
 
@@ -237,9 +237,9 @@ def test_uniform_bits_per_layer_and_projection(trained_seed_cnn):
     model = trained_seed_cnn
     assert learner.default_params(model) == {"bits/conv": 8, "bits/logits": 4}
     assert {type(d).__name__ for d in learner.search_space(model).values()} == {"Int"}
-    p = learner.project(model, {"bits/conv": 8, "bits/logits": 8}, "compression", 6.0)
+    p = learner.project(model, {"bits/conv": 8, "bits/logits": 8}, "packed_size", 6.0)
     assert all(2 <= v <= 8 and isinstance(v, int) for v in p.values())
-    assert learner.predict_ratio(model, p, "compression") >= 6.0
+    assert learner.predict_ratio(model, p, "packed_size") >= 6.0
 
 
 def test_fold_batchnorm_is_exact_on_residual_and_sequential_graphs():
@@ -287,8 +287,8 @@ def test_nonuniform_codebook_values_and_exact_size(trained_seed_cnn, small_data,
     decoded = read_packed(files["packed"]["path"], files["packed_manifest"]["path"])
     for name, k in ks.items():
         np.testing.assert_array_equal(decoded[name], k)
-    assert learner.measure(trained_seed_cnn, comp, "compression") == pytest.approx(
-        learner.predict_ratio(trained_seed_cnn, learner.default_params(trained_seed_cnn), "compression"))
+    assert learner.measure(trained_seed_cnn, comp, "packed_size") == pytest.approx(
+        learner.predict_ratio(trained_seed_cnn, learner.default_params(trained_seed_cnn), "packed_size"))
     # few distinct values: the float TFLite gzips far below the original's
     assert M.gzip_size(to_tflite(comp.deploy)) < 0.4 * M.gzip_size(to_tflite(trained_seed_cnn))
     assert M.accuracy(comp.deploy, small_data.x_test, small_data.y_test) > 0.6
@@ -425,7 +425,7 @@ def test_cli_runs_weight_sparsity_from_yaml(tmp_path):
     for f in ("model.keras", "model.tflite", "model_int8.tflite", "weights_packed.bin", "weights_packed.json"):
         assert (best / f).is_file(), f
     metrics = json.loads((best / "metrics.json").read_text())
-    assert metrics["learner"] == "weight_sparsity" and metrics["ratios"]["compression"] > 3
+    assert metrics["learner"] == "weight_sparsity" and metrics["ratios"]["packed_size"] > 3
     assert metrics["exports"]["packed"]["bytes"] == (best / "weights_packed.bin").stat().st_size
     for name, k in kernels(keras.saving.load_model(best / "model.keras", compile=False)).items():
         assert abs(int(np.sum(k == 0)) - math.ceil(0.8 * k.size)) <= 1, name

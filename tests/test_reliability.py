@@ -47,7 +47,7 @@ def config(path: Path, name: str, model: Path, trials: int = TRIALS, storage: st
         f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1, limit_train: 800}}\n"
         f"model: {{name: {model}}}\n"
         "learner: {name: weight_sparsity, fine_tune: {epochs: 1, steps: 5, batch_size: 64, verbose: false}}\n"
-        "target: {metric: compression, ratio: 4}\n"
+        "target: {metric: packed_size, ratio: 4}\n"
         f"search: {{optimizer: random, trials: {trials}, trial_steps: {steps}, pruner: none{storage_kw}}}\n"
         "export: {formats: [keras, tflite], verify: false}\n")
     return path

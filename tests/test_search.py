@@ -23,7 +23,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 from pocketflow.learners import LEARNERS  # noqa: E402
 
 RATIO_LEARNER = next((n for n in ("weight_sparsity", "channel_pruning") if n in LEARNERS), None)
-TARGET = {"weight_sparsity": ("compression", 4.0), "channel_pruning": ("flops", 2.0)}.get(RATIO_LEARNER)
+TARGET = {"weight_sparsity": ("packed_size", 4.0), "channel_pruning": ("flops", 2.0)}.get(RATIO_LEARNER)
 needs_ratio = pytest.mark.skipif(RATIO_LEARNER is None, reason="no ratio-bearing learner (weight_sparsity or "
                                  "channel_pruning) is registered yet")
 
@@ -38,7 +38,7 @@ def seed_model(trained_seed_cnn, tmp_path_factory) -> Path:
 def write_config(path: Path, name: str, model: Path, optimizer: str, trials: int, steps: int,
                  storage: str | None = None, ratio: float | None = None) -> Path:
     learner = RATIO_LEARNER or "full_precision"
-    metric, default_ratio = TARGET or ("compression", None)
+    metric, default_ratio = TARGET or ("packed_size", None)
     ratio = default_ratio if ratio is None else ratio
     lines = [f"name: {name}", "seed: 0",
              f"data: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}",
@@ -269,7 +269,7 @@ def test_gp_is_rebuilt_from_the_study(tmp_path):
 def test_report_on_a_partial_study(tmp_path):
     from pocketflow.hpo.report import pareto, write_report
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'p.db'}", study_name="p", direction="maximize")
-    study.set_user_attr("pocketflow", {"learner": "weight_sparsity", "metric": "compression", "ratio": 4.0})
+    study.set_user_attr("pocketflow", {"learner": "weight_sparsity", "metric": "packed_size", "ratio": 4.0})
     for i, (acc, ratio) in enumerate([(0.8, 4.1), (0.7, 6.0), (0.75, 3.0)]):
         t = study.ask({"sparsity/conv": optuna.distributions.FloatDistribution(0, 1)})
         t.set_user_attr("projected", {"sparsity/conv": 0.5 + i / 10, "sparsity/logits": 0.7})

@@ -149,6 +149,16 @@ class ChannelGraph:
                 total += math.prod(surgery.sliced_shape(shape, rules[wname], kin, nin, kout)) - math.prod(shape)
         return int(total)
 
+    def pruned_shape(self, layer: str, shape: tuple, counts: dict[int, int]) -> tuple:
+        """The shape a weight of `layer` (its unpruned `shape`) has with `counts` channels kept;
+        unchanged for a layer the graph does not slice."""
+        for wname, s in self._shapes.get(layer, ()):
+            if tuple(s) == tuple(shape):
+                kin, nin = self._kept(self.lay_in.get(layer), counts)
+                kout, _ = self._kept(self.lay_out.get(layer), counts)
+                return tuple(surgery.sliced_shape(s, self.weight_rules[layer][wname], kin, nin, kout))
+        return tuple(shape)
+
     # -- surgery ---------------------------------------------------------------------------------
     def prune(self, model, keep: dict[int, np.ndarray], overrides: dict | None = None):
         """A new, narrower model keeping channels `keep[group]` (see `surgery.prune`)."""

@@ -19,6 +19,18 @@ Timings are the fastest of a few invokes (other jobs on a shared machine can onl
 invoke down) and are cached in a JSON file keyed by machine, TensorFlow version and layer
 signature, so a model's table is measured once per machine (about a minute for ResNet-20).
 
+`deploy` picks the TFLite file measured: "float" (the default) or "int8", full-integer
+(`to_tflite(m, "int8", representative, weight_scales="per_channel")`, int8 inputs and outputs,
+the file a run that quantizes ships). For int8 the calibration images are uniform random in
+[0, 1] (the range of real inputs; calibration quality does not move timing). int8 entries are
+cached under their own keys (the float keys are unchanged), so the two never mix. Two rules
+differ for int8 (docs/benchmarks/int8_latency.md): a layer is timed by bare invokes (the
+runner's numpy quantization of a whole int8 feature map is no cost a deployed layer pays), and
+a count between measured ones at most 4 apart takes the next measured count's time (int8 kernels
+pad the input channels to a tile as well as the output ones: both sides are staircases; across
+wider gaps, linear as for float). The product rule holds for int8 as well as for float (a few %
+mean error, the smallest corners underestimated).
+
 `pruned_ms` is the other measurement channel pruning makes: a whole pruned model's latency,
 for the `latency` target.
 """
@@ -28,10 +40,12 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from pocketflow.errors import PocketFlowError
 from pocketflow.io import atomic_write_text
 from pocketflow.learners.channel_pruning.counts import allowed_counts
 from pocketflow.learners.channel_pruning.graph import ChannelGraph
@@ -82,29 +96,93 @@ def side_counts(g: ChannelGraph, m: int, t: int, lo: float):
     return side
 
 
-def pruned_ms(model, g: ChannelGraph, counts: dict) -> float:
-    """TFLite latency (batch 1, 1 thread) of `model` pruned to `counts` (first channels kept):
-    the fastest of 60 invokes after 5 warm-up ones, which other jobs on a shared machine can
-    only slow down (a median moves with their load)."""
-    from pocketflow import metrics as M
+DEPLOYS = ("float", "int8")
+
+
+def _deploy(deploy: str) -> str:
+    if deploy not in DEPLOYS:
+        raise PocketFlowError(f"unknown deploy '{deploy}': choose {' or '.join(DEPLOYS)}")
+    return deploy
+
+
+def calibration_images(input_shape, n: int = 16, seed: int = 0) -> np.ndarray:
+    """`n` float32 inputs of `input_shape` (no batch dimension), uniform in [0, 1]: what int8
+    timing calibrates with (the scales it picks do not change the kernels' cost)."""
+    return np.random.default_rng(seed).random((n, *input_shape), dtype=np.float32)
+
+
+def convert(model, deploy: str = "float", representative: np.ndarray | None = None) -> bytes:
+    """`model`'s TFLite file as `deploy` ships it (int8: full-integer, per-channel weight scales,
+    calibrated on `representative` or on `calibration_images`)."""
     from pocketflow.export import to_tflite
+    if _deploy(deploy) == "float":
+        return to_tflite(model)
+    if representative is None:
+        representative = calibration_images(tuple(model.input_shape[1:]))
+    with warnings.catch_warnings():  # int8 inputs: said once per conversion, hundreds per table
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return to_tflite(model, "int8", representative, weight_scales="per_channel")
+
+
+def pruned_ms(model, g: ChannelGraph, counts: dict, deploy: str = "float",
+              representative: np.ndarray | None = None) -> float:
+    """TFLite latency (batch 1, 1 thread) of `model` pruned to `counts` (first channels kept),
+    converted as `deploy` ("float" or "int8", see `convert`): the fastest of 60 invokes after 5
+    warm-up ones, which other jobs on a shared machine can only slow down (a median moves with
+    their load)."""
+    from pocketflow import metrics as M
+    _deploy(deploy)
     pruned = g.prune(model, {gid: np.arange(k) for gid, k in counts.items()})
-    run = M.TFLiteRunner(to_tflite(pruned), threads=1, batch=1)
+    run = M.TFLiteRunner(convert(pruned, deploy, representative), threads=1, batch=1)
     x = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
     return float(M.invoke_ms(run, x, 60, warmup=5).min())
+
+
+def _invoke_only_ms(runner, x: np.ndarray, runs: int, warmup: int = 0) -> np.ndarray:
+    """Wall time of each of `runs` bare `invoke`s (ms), the input set once. An int8 layer's input
+    and output stay int8 inside a deployed model: the runner's numpy (de)quantization of a whole
+    feature map (23-60 us a layer of ResNet-20 on the AMD EPYC of docs/benchmarks/int8_latency.md,
+    as much as the convolution itself) is no part of its cost."""
+    runner(x)
+    for _ in range(warmup):
+        runner.interp.invoke()
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        runner.interp.invoke()
+        times[i] = (time.perf_counter() - t0) * 1e3
+    return times
+
+
+def _step_up(x, xp, fp, tile: int = 4) -> np.ndarray:
+    """int8 interpolation: between measured counts at most `tile` apart, the value at the next
+    measured count up; across wider gaps, linear (as for float). XNNPACK's int8 kernels pad both
+    channel counts to a tile (8 on AVX2, docs/benchmarks/int8_latency.md), so 9-11 channels cost
+    as much as 12 or 16, where linear interpolation from 8 says up to a third less; measured every
+    4th count, a staircase of any tile that is a multiple of 4 is read exactly. A wider gap (16 to
+    32 on the tile-32 grid) does not resolve the steps inside it: linear is the better guess."""
+    x, xp, fp = np.asarray(x), np.asarray(xp), np.asarray(fp, dtype=float)
+    out = np.interp(x, xp, fp)
+    j = np.clip(np.searchsorted(xp, x, side="left"), 1, len(xp) - 1)
+    dense = (x > xp[0]) & (x < xp[-1]) & (xp[j] - xp[j - 1] <= tile)
+    out[dense] = fp[j[dense]]
+    return out
 
 
 class LatencyTable:
     """Measured per-layer latencies of one model's producers, and predictions from them."""
 
     def __init__(self, model, graph: ChannelGraph, side_counts, settings=((1, 1), (32, 1)),
-                 cache: Path | str | None = None, invokes: int = 12, measure=None):
+                 cache: Path | str | None = None, invokes: int = 12, measure=None, deploy: str = "float"):
         """`side_counts(layout)` -> the channel counts of a layer's input or output to measure
         (kept positions of that layout, ascending, ending with the full width).
 
         `measure(spec, c_in, c_out)` -> {"b<batch>_t<threads>": ms} replaces the timing with given
         numbers (tests, tables measured elsewhere); such a table neither reads nor writes the
-        disk cache."""
+        disk cache.
+
+        `deploy`: the TFLite file each layer is timed as, "float" or "int8" (see `convert`)."""
+        self.deploy = _deploy(deploy)
         self.graph, self.settings = graph, [tuple(int(v) for v in s) for s in settings]
         self.invokes, self._given = invokes, measure
         self.cache = Path(cache) if cache else default_cache()
@@ -132,7 +210,10 @@ class LatencyTable:
 
     # -- measurement --------------------------------------------------------------------------------
     def _key(self, spec: dict, cin: int, cout: int) -> str:
-        return json.dumps([spec["cls"], spec["cfg"], spec["spatial"], cin, cout], sort_keys=True)
+        sig = [spec["cls"], spec["cfg"], spec["spatial"], cin, cout]
+        if self.deploy != "float":  # float keys keep their first format (existing caches stay valid)
+            sig.append(self.deploy)
+        return json.dumps(sig, sort_keys=True)
 
     def _wanted(self) -> list[tuple[str, dict, int, int]]:
         out = []
@@ -166,7 +247,7 @@ class LatencyTable:
                         mine[k] = {**mine.get(k, {}), **self._measure(spec, cin, cout)}
                     except Exception:  # noqa: BLE001  a layer TFLite cannot take on its own: left out below
                         continue
-                print(f"channel_pruning: measured {len(todo)} layer shapes for the latency table in "
+                print(f"channel_pruning: measured {len(todo)} layer shapes for the {self.deploy} latency table in "
                       f"{time.perf_counter() - t0:.0f}s ({self.cache})", flush=True)
                 try:  # workers measuring at once: each write is whole (the last one wins)
                     atomic_write_text(self.cache, json.dumps(disk))
@@ -183,7 +264,6 @@ class LatencyTable:
         import keras
 
         from pocketflow import metrics as M
-        from pocketflow.export import to_tflite
         L = keras.layers
         cfg = dict(spec["cfg"])
         if spec["cls"] == "Dense":
@@ -192,13 +272,16 @@ class LatencyTable:
         else:
             inp = keras.Input((*spec["spatial"], cin))
             layer = getattr(L, spec["cls"])(cout, **cfg)
-        blob = to_tflite(keras.Model(inp, layer(inp)))
+        blob = convert(keras.Model(inp, layer(inp)), self.deploy)
         out = {}
         for batch, threads in self.settings:
             run = M.TFLiteRunner(blob, threads=threads, batch=batch)
             x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)
             n = self.invokes if batch == 1 else max(3, self.invokes // 3)
-            out[f"b{batch}_t{threads}"] = float(M.invoke_ms(run, x, n, warmup=1).min())
+            if self.deploy == "float":
+                out[f"b{batch}_t{threads}"] = float(M.invoke_ms(run, x, n, warmup=1).min())
+            else:
+                out[f"b{batch}_t{threads}"] = float(_invoke_only_ms(run, x, n, warmup=1).min())
         return out
 
     # -- prediction ---------------------------------------------------------------------------------
@@ -210,8 +293,9 @@ class LatencyTable:
             spec, s = self.layers[name], f"b{setting[0]}_t{setting[1]}"
             fi, fo = spec["full_in"], spec["full_out"]
             full = max(self._t[self._key(spec, fi, fo)][s], 1e-9)
-            t_out = np.interp(np.arange(fo + 1), spec["out"], [self._t[self._key(spec, fi, c)][s] for c in spec["out"]])
-            t_in = np.interp(np.arange(fi + 1), spec["in"], [self._t[self._key(spec, c, fo)][s] for c in spec["in"]])
+            fill = np.interp if self.deploy == "float" else _step_up
+            t_out = fill(np.arange(fo + 1), spec["out"], [self._t[self._key(spec, fi, c)][s] for c in spec["out"]])
+            t_in = fill(np.arange(fi + 1), spec["in"], [self._t[self._key(spec, c, fo)][s] for c in spec["in"]])
             hit = self._curve[key] = (t_out, t_in / full, full)
         return hit
 

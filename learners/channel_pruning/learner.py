@@ -60,8 +60,8 @@ class ChannelPruning(Learner):
     def __init__(self, cfg: dict, seed: int = 0):
         super().__init__(cfg, seed)
         self._graphs: dict = {}   # id(model) -> (model, ChannelGraph)
-        self._latency: dict = {}  # (id(model), channel counts) -> ms
-        self._tables: dict = {}   # id(model) -> (model, LatencyTable)
+        self._latency: dict = {}  # (id(model), deploy, channel counts) -> ms
+        self._tables: dict = {}   # (id(model), deploy) -> (model, LatencyTable)
 
     # -- analysis ---------------------------------------------------------------------------------
     def graph(self, model) -> ChannelGraph:
@@ -121,12 +121,23 @@ class ChannelPruning(Learner):
         counts = self._counts(g, params)
         if metric == "flops":
             return g.base_macs / max(1, g.macs(counts))
-        if metric in ("params", "compression"):  # the deploy model is float: bytes follow params
+        if metric in ("params", "packed_size"):  # the deploy model is float: bytes follow params
             return g.base_params / max(1, g.params(counts))
         if metric == "latency":
             full = {gr.id: gr.size for gr in g.prunable}
-            return self._latency_ms(model, g, full) / self._latency_ms(model, g, counts)
+            # against the float baseline file, whatever the run ships (an int8 file may be faster or slower)
+            return self._latency_ms(model, g, full, "float") / self._latency_ms(model, g, counts, self._deploy())
         return super().predict_ratio(model, params, metric)
+
+    def predicted_reps(self, model, params: dict, reps: dict | None = None) -> dict:
+        """Every kernel dense, at its pruned shape (a chain's later steps describe those)."""
+        from dataclasses import replace
+
+        from pocketflow.learners.accounting import base_reps
+        g = self.graph(model)
+        counts = self._counts(g, params)
+        reps = dict(base_reps(model) if reps is None else reps)
+        return {n: replace(r, shape=g.pruned_shape(n, r.shape, counts)) for n, r in reps.items()}
 
     def project(self, model, params: dict, metric: str, ratio: float, tol: float = 0.01) -> dict:
         """base.project (bisection on `scale`'s alpha) plus two steps integer channels need.
@@ -172,8 +183,8 @@ class ChannelPruning(Learner):
     def _top_up_latency(self, model, params: dict, ratio: float) -> dict:
         g = self.graph(model)
         counts = self._counts(g, params)
-        full = self._latency_ms(model, g, {gr.id: gr.size for gr in g.prunable})
-        return C.top_up_latency(g, params, counts, lambda c: full / self._latency_ms(model, g, c), ratio,
+        full = self._latency_ms(model, g, {gr.id: gr.size for gr in g.prunable}, "float")
+        return C.top_up_latency(g, params, counts, lambda c: full / self._latency_ms(model, g, c, self._deploy()), ratio,
                                 *self._grid())
 
     # -- latency ------------------------------------------------------------------------------------
@@ -182,21 +193,30 @@ class ChannelPruning(Learner):
         if metric in ("flops", "params") and self.cfg["latency_aware"] and self.cfg["exchange_range"] > 0:
             self.latency_table(model)
 
+    def _deploy(self) -> str:
+        """The TFLite type the run ships (the latency table and the latency target time it)."""
+        d = getattr(self.shipped, "deploy", "float")
+        return d if d in ("float", "int8") else "float"
+
     def latency_table(self, model) -> LatencyTable:
-        """The per-layer latency table of `model` on this machine (measured once, cached on disk)."""
-        hit = self._tables.get(id(model))
+        """The per-layer latency table of `model` on this machine for the shipped file type
+        (measured once, cached on disk)."""
+        key = (id(model), self._deploy())
+        hit = self._tables.get(key)
         if hit is None or hit[0] is not model:
             g = self.graph(model)
             sides = side_counts(g, *self._grid(), float(self.cfg["ratio_range"][0]))
-            hit = self._tables[id(model)] = (model, LatencyTable(model, g, sides, self.cfg["latency_settings"]))
+            hit = self._tables[key] = (model, LatencyTable(model, g, sides, self.cfg["latency_settings"],
+                                                           deploy=self._deploy()))
         return hit[1]
 
-    def _latency_ms(self, model, graph: ChannelGraph, counts: dict) -> float:
-        """Measured TFLite latency of `model` pruned to `counts` (latency_table.pruned_ms), cached."""
-        key = (id(model), tuple(sorted(counts.items())))
+    def _latency_ms(self, model, graph: ChannelGraph, counts: dict, deploy: str = "float") -> float:
+        """Measured TFLite latency of `model` pruned to `counts` and converted as `deploy`
+        (latency_table.pruned_ms), cached."""
+        key = (id(model), deploy, tuple(sorted(counts.items())))
         if key not in self._latency:
             from pocketflow.distributed import world
-            self._latency[key] = world().mean(pruned_ms(model, graph, counts))  # every rank projects alike
+            self._latency[key] = world().mean(pruned_ms(model, graph, counts, deploy))  # every rank projects alike
         return self._latency[key]
 
     # -- compression --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def _unit(v):
 @register("half_precision")
 class HalfPrecision(Learner):
     params = {"fraction": Field(float, 1.0, check=_unit, help="share of the weights stored as float16")}
-    metrics = ("compression",)
+    metrics = ("packed_size",)
 
     # -- which tensors go to float16 ------------------------------------------------------------
     @staticmethod
@@ -47,7 +47,7 @@ class HalfPrecision(Learner):
         return {"fraction": self.cfg["fraction"]}
 
     def predict_ratio(self, model, params, metric):
-        if metric != "compression":
+        if metric != "packed_size":
             return super().predict_ratio(model, params, metric)  # refuses the metric
         return 4 * sum(int(np.prod(w.shape)) for w in model.weights) / self._bytes(model, params["fraction"])
 

@@ -274,7 +274,7 @@ class TFLiteSizeModel:
             self.sparse_over[d] = ((len(blob) - raw) / max(1, k), gz / max(1, k))
 
     def _reps(self, s: float) -> dict:
-        from pocketflow.learners.accounting import KernelRep
+        from pocketflow.learners.reps import KernelRep
         out = {}
         for name, L in self.layers.items():
             shape = L.tfl_shape[1:] + L.tfl_shape[:1] if len(L.tfl_shape) == 4 else L.tfl_shape[::-1]

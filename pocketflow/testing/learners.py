@@ -7,7 +7,7 @@ A new learner's test is three lines::
     class TestMyLearner(LearnerTestCase):
         learner = "my_learner"                 # its registered name
         section = {"strength": 0.5}            # keys of its `learner:` section (optional)
-        target = ("compression", 2.0)          # a target it can meet (optional; None: no projection)
+        target = ("packed_size", 2.0)          # a target it can meet (optional; None: no projection)
 
 The suite checks what the search, the API and the exporter rely on without knowing a learner's
 insides: named dimensions, a config section that validates, `compress` leaving its input alone and

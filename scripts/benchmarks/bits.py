@@ -80,7 +80,7 @@ def fixed_rows(a, model, data):
                      "keras_acc": M.accuracy(comp.deploy, data.x_test, data.y_test),
                      "tflite_acc": M.tflite_accuracy(blob, data.x_test, data.y_test),
                      "tflite": "int8" if q else "float (grid values)",
-                     "packed_bytes": comp.size_bytes, "ratio": learner.measure(model, comp, "compression"),
+                     "packed_bytes": comp.size_bytes, "ratio": learner.measure(model, comp, "packed_size"),
                      "tflite_gz": M.gzip_size(blob), "seconds": secs})
         print(rows[-1], flush=True)
     return rows
@@ -94,7 +94,7 @@ def pipeline_config(a, name, optimizer, ratio):
         "model": {"name": a.model},
         "learner": {"name": "uniform_quant", "bits": 4, "fine_tune": {**fine_tune(a, a.final_steps),
                                                                        "verbose": False}},
-        "target": {"metric": "compression", "ratio": ratio},
+        "target": {"metric": "packed_size", "ratio": ratio},
         "search": {"optimizer": optimizer, **({} if optimizer == "none" else  # (those keys do nothing there)
                                               {"trials": a.trials, "trial_steps": a.trial_steps, "pruner": "none"})},
         "export": {"formats": ["keras"], "verify": False},
@@ -117,7 +117,7 @@ def searched_rows(a, ratio):
         avg = sum(bits[k] * weights[k] for k in bits) / max(1, sum(weights[k] for k in bits))
         s = m.get("search") or {}
         rows.append({"method": "fixed 4 bits (no search)" if opt == "none" else f"searched per-layer bits ({opt})",
-                     "test": m["test_accuracy"], "val": m["val_accuracy"], "ratio": m["ratios"]["compression"],
+                     "test": m["test_accuracy"], "val": m["val_accuracy"], "ratio": m["ratios"]["packed_size"],
                      "avg_bits": avg, "bits": ", ".join(f"{k} {v}" for k, v in bits.items()),
                      "best_val": s.get("best_val_accuracy"), "minutes": (time.perf_counter() - t0) / 60})
         print(rows[-1], flush=True)
@@ -146,7 +146,7 @@ def main(argv=None):
         r["delta_pt"] = 100 * (r["keras_acc"] - base)
     # the target of (2): exactly what uniform 4-bit predicts for this model
     uq = LEARNERS.get("uniform_quant")(learner_section("uniform_quant", bits=4))
-    ratio4 = round(uq.predict_ratio(model, uq.default_params(model), "compression"), 3)
+    ratio4 = round(uq.predict_ratio(model, uq.default_params(model), "packed_size"), 3)
     srows = searched_rows(a, ratio4)
     for r in srows:
         r["delta_pt"] = 100 * (r["test"] - base)
@@ -167,9 +167,9 @@ def main(argv=None):
     plot(DOCS / f"{name}.png", draw)
     fixed_cols = [("kind", "quantization", ""), ("bits", "weight bits", ""), ("keras_acc", "test acc (Keras)", ".4f"),
                   ("delta_pt", "Δ (pt)", "+.2f"), ("tflite", "TFLite", ""), ("tflite_acc", "TFLite acc", ".4f"),
-                  ("packed_bytes", "packed size (B)", ",.0f"), ("ratio", "compression", ".2f"),
+                  ("packed_bytes", "packed size (B)", ",.0f"), ("ratio", "packed_size", ".2f"),
                   ("tflite_gz", "gzip'd TFLite (B)", ",.0f"), ("seconds", "s", ".0f")]
-    search_cols = [("method", "method", ""), ("avg_bits", "avg bits / weight", ".2f"), ("ratio", "compression", ".2f"),
+    search_cols = [("method", "method", ""), ("avg_bits", "avg bits / weight", ".2f"), ("ratio", "packed_size", ".2f"),
                    ("best_val", "best trial val acc", ".4f"), ("val", "final val acc", ".4f"),
                    ("test", "final test acc", ".4f"), ("delta_pt", "Δ (pt)", "+.2f"), ("minutes", "min", ".1f"),
                    ("bits", "bits per layer", "")]
@@ -192,10 +192,10 @@ def main(argv=None):
             f"(TFLite has no int4/int2 kernels) next to the packed file whose size is given. Non-uniform = "
             f"`nonuniform_quant` (2^bits k-means centroids per layer, weights only, float activations). "
             f"'packed size' is the exact size of the packed representation (codes + scales / codebooks + "
-            f"float32 biases), 'compression' the float32 model bytes over it.\n\n"
+            f"float32 biases), 'packed_size' the float32 model bytes over it.\n\n"
             + md_table(rows, fixed_cols)
             + f"\n\n## Fixed vs searched per-layer bits at the same size\n\n"
-              f"`pocketflow.compress` with learner `uniform_quant`, target `compression: {ratio4:g}` (the ratio "
+              f"`pocketflow.compress` with learner `uniform_quant`, target `packed_size: {ratio4:g}` (the ratio "
               f"of uniform 4 bits on this model). 'fixed': no search, every layer 4 bits. 'searched': TPE over "
               f"one bit width (2..8) per layer, {a.trials} trials of {a.trial_steps} steps each, every point "
               f"projected onto the target before training, scored on validation. Both then get the same final "

@@ -117,7 +117,7 @@ def _row(label, learner, comp, original, data, seconds, baseline, float_gz, quan
             "deploy": M.accuracy(comp.deploy, data.x_test, data.y_test), "tflite": lite,
             "tflite_kind": quantize or "float", "delta_pt": 100 * (lite - baseline),
             "gz": M.gzip_size(blob), "gz_ratio": float_gz / M.gzip_size(blob),
-            "packed_ratio": learner.measure(original, comp, "compression"), "seconds": seconds}
+            "packed_ratio": learner.measure(original, comp, "packed_size"), "seconds": seconds}
 
 
 # -- (c) step time ------------------------------------------------------------------------------
