@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py auto                     # every case (seed CNN ~15 min each)
     python scripts/benchmark.py auto --case seed-download
-    python scripts/benchmark.py auto --quick             # seed-download on 6k MNIST images, 4 trials
+    python scripts/benchmark.py auto --quick             # seed-download on the test sample, 4 trials
 
 Every number of the auto rows comes from the run's own metrics.json: the ratio measured on the
 file `best/` ships (named in the table), the shipped file's accuracy in the TFLite interpreter on
@@ -32,8 +32,9 @@ CASES = {  # name -> (config, --set overrides, what the hand recipe row is)
     "resnet-latency": ("configs/resnet20_latency.yaml",
                        [f"model.name={SHARED / 'models' / 'resnet20_fashion_mnist.keras'}"], None),
 }
-QUICK = ["data.limit_train=6000", "data.limit_test=2000", "train.epochs=1", "learner.fine_tune.epochs=1",
-         "search.trials=4", "search.trial_steps=30"]
+# the smoke version: the shipped Fashion-MNIST sample (works without ../shared), a short search
+QUICK = ["data.name=npz", f"data.path={ROOT / 'tests' / 'data' / 'fashion_mnist_small.npz'}", "train.epochs=1",
+         "learner.fine_tune.epochs=1", "search.trials=4", "search.trial_steps=30"]
 
 
 def run_case(name: str, quick: bool, out: Path) -> dict:
