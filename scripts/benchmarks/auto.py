@@ -62,7 +62,8 @@ def run_case(name: str, quick: bool, out: Path) -> dict:
             "search_minutes": m.get("search", {}).get("wall_seconds", 0) / 60,
             "overhead": m.get("search", {}).get("search_overhead_share"),
             "methods": ", ".join(f"{k} {v}/{mix.get('top', 0)}" for k, v in mix.get("best", {}).items()),
-            "ratios": m["ratios"], "log": proc.stdout[-4000:], "command": " ".join(
+            "ratios": m["ratios"], "log": proc.stdout[-4000:], "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(
                 ["pocketflow run", config] + [f"--set {s}" for s in sets])}
 
 
@@ -92,12 +93,16 @@ def main(argv=None) -> int:
     started = time.time()
     cases = a.case or (["seed-download"] if a.quick else
                        [c for c in CASES if not CASES[c][1] or (SHARED / "models").exists()])
+    name = "auto_quick" if a.quick else "auto"
     rows = []
     with tempfile.TemporaryDirectory(prefix="pocketflow-bench-auto-") as d:
         for c in cases:
             r = run_case(c, a.quick, Path(d))
             print({k: v for k, v in r.items() if k not in ("log", "ratios")}, flush=True)
             rows += [r] + ([] if a.quick else hand_rows(c))
+    if not a.quick and (DOCS / f"{name}.json").exists():  # the cases not run now keep their last rows
+        kept = [r for r in json.loads((DOCS / f"{name}.json").read_text())["rows"] if r["case"] not in cases]
+        rows = sorted(kept + rows, key=lambda r: list(CASES).index(r["case"]))
     cols = [("case", "case", ""), ("method", "method", ""), ("target", "target", ""), ("file", "measured on", ""),
             ("ratio", "ratio", ".2f"), ("baseline", "baseline acc", ".4f"), ("tflite", "shipped acc (TFLite)", ".4f"),
             ("delta_pt", "Δ pt", "+.2f"), ("search_minutes", "search min", ".1f"), ("overhead", "overhead", ".1%"),
@@ -107,15 +112,15 @@ def main(argv=None) -> int:
             "and TFMOT's, on the same model, data and baseline recipe; their ratio is the int8 TFLite file",
             "gzip'd against the float baseline file gzip'd, as `download_size` measures.", "",
             md_table(rows, cols), "", "## Commands", ""]
-    body += [f"- {r['case']}: `{r['command']}` ({r['minutes']:.1f} min in all)" for r in rows if "command" in r]
+    body += [f"- {r['case']}: `{r['command']}` ({r['minutes']:.1f} min in all; {r.get('date', '')})"
+             for r in rows if "command" in r]
     body += ["", "## Logs (tail)", ""]
     for r in rows:
         if "log" in r:
             body += [f"### {r['case']}", "", "```", r["log"].strip(), "```", ""]
-    name = "auto_quick" if a.quick else "auto"
     write_page(name, "learner: auto on the shipped configs vs hand recipes",
                "python scripts/benchmark.py auto" + (" --quick" if a.quick else ""), "\n".join(body), started,
-               extra={"rows": [{k: v for k, v in r.items() if k != "log"} for r in rows]})
+               extra={"rows": rows})
     return 0
 
 
