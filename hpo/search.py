@@ -243,29 +243,34 @@ class Search:
         (the search goes on), interrupted (re-run on resume) or a bug (recorded, then raised)."""
         import optuna
 
-        from pocketflow.errors import TrialFailed
+        from pocketflow.errors import TrialFailed, stop_requested
         root = self.world.is_root
         try:
             yield
-        except (optuna.TrialPruned, TrialFailed) as e:
-            self.clock.train_s += time.perf_counter() - t0
-            if root:
-                self._finish_trial(self.trial, "PRUNED" if isinstance(e, optuna.TrialPruned) else "FAIL",
-                                   reason=str(e), seconds=time.perf_counter() - t0)
-        except PocketFlowError as e:  # a point the learner rejects: record it, keep searching
-            if root:
-                self._finish_trial(self.trial, "FAIL", reason=f"{type(e).__name__}: {e}",
-                                   seconds=time.perf_counter() - t0)
-        except KeyboardInterrupt:
-            if root:  # the point is re-run on resume
-                self.trial.set_user_attr("void", "interrupted")
-                self._finish_trial(self.trial, "FAIL", reason="interrupted: stopped by the user")
-                self._requeue(self.trial)
-            raise
-        except Exception as e:  # a bug: record why, then stop (re-running it would fail again)
-            if root:
-                self._finish_trial(self.trial, "FAIL", reason=f"error: {type(e).__name__}: {e}"[:500])
-            raise
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) or stop_requested():
+                # stopped by the user (a library may have re-raised the interrupt as its own error):
+                # the point is re-run on resume
+                if root:
+                    self.trial.set_user_attr("void", "interrupted")
+                    self._finish_trial(self.trial, "FAIL", reason="interrupted: stopped by the user")
+                    self._requeue(self.trial)
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise KeyboardInterrupt from None
+            if isinstance(e, (optuna.TrialPruned, TrialFailed)):
+                self.clock.train_s += time.perf_counter() - t0
+                if root:
+                    self._finish_trial(self.trial, "PRUNED" if isinstance(e, optuna.TrialPruned) else "FAIL",
+                                       reason=str(e), seconds=time.perf_counter() - t0)
+            elif isinstance(e, PocketFlowError):  # a point the learner rejects: record it, keep searching
+                if root:
+                    self._finish_trial(self.trial, "FAIL", reason=f"{type(e).__name__}: {e}",
+                                       seconds=time.perf_counter() - t0)
+            else:  # a bug: record why, then stop (re-running it would fail again)
+                if root and isinstance(e, Exception):
+                    self._finish_trial(self.trial, "FAIL", reason=f"error: {type(e).__name__}: {e}"[:500])
+                raise
 
     # -- recording (rank 0) -----------------------------------------------------------------------
     def _complete(self, acc: float, ratio: float, comp, seconds: float, train_seconds: float):

@@ -144,11 +144,12 @@ COMMANDS = {"run": _cmd_run, "train": lambda a: _cmd_run(a, train_only=True), "i
 
 def _stop_signals() -> None:
     """SIGINT and SIGTERM stop a run like Ctrl-C: the running trial is marked, files stay whole.
-    SIGINT is restored even when inherited as ignored (a job started with `&` from a script)."""
-    def _term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _term)
+    SIGINT is restored even when inherited as ignored (a job started with `&` from a script). An
+    error raised after a stop signal is the stop, whatever a library made of the interrupt."""
+    from pocketflow.errors import request_stop, reset_stop
+    reset_stop()
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
 
 def main(argv=None) -> int:
@@ -158,27 +159,26 @@ def main(argv=None) -> int:
         os.environ["POCKETFLOW_DEBUG"] = "1"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from pocketflow.errors import PocketFlowError
+    from pocketflow.errors import PocketFlowError, stop_requested
     from pocketflow.io import quiet_stderr
     try:
         with quiet_stderr():  # TensorFlow's import-time CUDA probe noise
             import tensorflow as tf
             tf.config.list_physical_devices("GPU")  # triggers cuInit, which logs on machines without GPUs
         return COMMANDS[args.command](args)
-    except PocketFlowError as e:
-        if args.debug:
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or (isinstance(e, Exception) and stop_requested()):
+            # (a KeyboardInterrupt that TensorFlow or Keras re-raised as an error of their own)
+            print("pocketflow: interrupted", file=sys.stderr)
+            return 130
+        if args.debug or not isinstance(e, (PocketFlowError, MemoryError, OSError)):
             raise
-        print(f"pocketflow: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pocketflow: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("pocketflow: error: out of memory", file=sys.stderr)
-        return 1
-    except OSError as e:
-        if args.debug:
-            raise
+        if isinstance(e, PocketFlowError):
+            print(f"pocketflow: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, MemoryError):
+            print("pocketflow: error: out of memory", file=sys.stderr)
+            return 1
         print(f"pocketflow: error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": "),
               file=sys.stderr)
         return 1

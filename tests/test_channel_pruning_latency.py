@@ -122,7 +122,7 @@ def test_latency_aware_projection_stays_on_the_tile_grid_whatever_the_table_says
     g = lr.graph(resnet)
     table = LatencyTable(resnet, g, side_counts(g, 1, 32, 0.1), measure=_synthetic(noise))
     assert list(table.layers) == [n for n in g.order if type(resnet.get_layer(n)).__name__ in ("Conv2D", "Dense")]
-    lr._tables[id(resnet)] = (resnet, table)  # the learner uses this table, nothing is measured
+    lr._tables[(id(resnet), "float")] = (resnet, table)  # the learner uses this table, nothing is measured
     start = {f"ratio/{gr.name}": 1.0 for gr in g.prunable}
     for metric, target in (("flops", 2.0), ("params", 3.0), ("flops", 3.0)):
         p, p_plain = lr.project(resnet, start, metric, target), plain.project(resnet, start, metric, target)
@@ -200,7 +200,7 @@ def test_prepare_search_builds_the_table_before_the_first_projection(resnet, cac
     assert lr._tables == {}
     lr.prepare_search(resnet, "flops")
     table = lr.latency_table(resnet)
-    assert lr._tables[id(resnet)][1] is table and table.cost({}) == pytest.approx(1.0)
+    assert lr._tables[(id(resnet), "float")][1] is table and table.cost({}) == pytest.approx(1.0)
     off = learner(latency_aware=False)
     off.prepare_search(resnet, "flops")
     assert off._tables == {}

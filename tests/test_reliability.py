@@ -345,3 +345,28 @@ def test_four_workers_share_one_sqlite_study(seed_model, tmp_path):
 def test_four_workers_share_one_postgresql_study(seed_model, tmp_path):
     name = f"four_pg_{uuid.uuid4().hex[:8]}"  # the server outlives the test: a fresh study each time
     _four_workers(seed_model, tmp_path, PG_URL, name)
+
+
+STOPPER = '''
+import os, signal
+import keras
+
+
+def build(input_shape, num_classes):
+    try:  # a stop signal while a library runs our code: it re-raises the interrupt as its own error
+        os.kill(os.getpid(), signal.SIGTERM)
+    except KeyboardInterrupt:
+        raise TypeError("Failed to convert elements of (None, 2028) to Tensor")
+    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(), keras.layers.Dense(num_classes)])
+'''
+
+
+def test_a_stop_signal_that_a_library_turned_into_its_own_error_is_still_a_stop(tmp_path):
+    """Seen in CI: SIGTERM while TensorFlow traced a predict function came out as a TypeError and
+    a traceback (exit 1). After a stop signal, any error is the stop: one line, exit 130."""
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{name: npz, path: {SMALL_NPZ}}}\nmodel: {{name: 'stopper:build'}}\n")
+    proc = run_cli("run", cfg, "--output", tmp_path / "runs", cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "pocketflow: interrupted" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
