@@ -194,10 +194,11 @@ class Learner(abc.ABC):
         metrics on the converted file the run would ship (pocketflow.targets)."""
         from pocketflow import metrics as M
         if metric in FILE_METRICS:
-            if self.shipped is None:
+            shipped = self.shipped
+            if shipped is None:  # used outside a run: the float file
                 from pocketflow.targets import Shipped
-                self.shipped = Shipped(deploy="float", representative=None)
-            return self.shipped.measure(original, compressed.deploy, metric)
+                shipped = Shipped(deploy="float", representative=None)
+            return shipped.measure(original, compressed.deploy, metric)
         if metric == "packed_size":
             return M.float_bytes(original) / max(1, compressed.size_bytes)
         if metric == "flops":

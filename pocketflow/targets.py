@@ -120,8 +120,13 @@ class Shipped:
 
     def ratio(self, original, blob: bytes, metric: str) -> float:
         """The measured ratio of a shipped file `blob` against the baseline's float file."""
-        v = self.value(blob, metric, tuple(original.input_shape[1:]))
-        return self.baseline_value(original, metric) / max(v, 1e-12)
+        return self.entry(blob, metric, tuple(original.input_shape[1:]), self.baseline_value(original, metric))["ratio"]
+
+    def entry(self, blob: bytes, metric: str, input_shape: tuple, baseline: float) -> dict:
+        """metrics.json's record of one file metric: `blob`'s value, the baseline's, their ratio."""
+        value = self.value(blob, metric, input_shape)
+        return {"ratio": baseline / max(value, 1e-12), "file": self.file, "value": value, "baseline_value": baseline,
+                "unit": "ms" if metric == "latency" else "bytes", "of": self.describe(metric)}
 
     def measure(self, original, deploy_model, metric: str) -> float:
         return self.ratio(original, self.convert(deploy_model), metric)
@@ -133,7 +138,8 @@ class Shipped:
             from pocketflow.export.size_model import TFLiteSizeModel
             if self.representative is None:
                 raise PocketFlowError("a size target needs representative images to calibrate its size model")
-            self._size_model = (original, TFLiteSizeModel.calibrate(original, self.representative))
+            self._size_model = (original, TFLiteSizeModel.calibrate(original, self.representative,
+                                                                    float_blob=self._baseline_blob(original)))
         return self._size_model[1]
 
     def predict(self, original, reps: dict, metric: str, pattern: str = "unstructured") -> float:
@@ -161,10 +167,7 @@ def measure_all(shipped: Shipped, original, blob: bytes, learner, compressed, pa
     shape = tuple(original.input_shape[1:])
     out = {}
     for m in FILE_METRICS:
-        value = shipped.value(blob, m, shape)
-        base = shipped.baseline_value(original, m)
-        out[m] = {"ratio": base / max(value, 1e-12), "file": shipped.file, "value": value, "baseline_value": base,
-                  "unit": "ms" if m == "latency" else "bytes", "of": shipped.describe(m)}
+        out[m] = shipped.entry(blob, m, shape, shipped.baseline_value(original, m))
     for m in ("flops", "params", "packed_size"):
         out[m] = {"ratio": float(learner.measure(original, compressed, m)), "of": METRICS[m]}
         if m == "packed_size":
@@ -204,8 +207,8 @@ def remeasure(metrics: dict, blob: bytes, input_shape: tuple) -> None:
     for m in FILE_METRICS:
         r = metrics.get("measured", {}).get(m)
         if r is not None:
-            r["value"] = s.value(blob, m, input_shape)
-            r["ratio"] = metrics["ratios"][m] = r["baseline_value"] / max(r["value"], 1e-12)
+            r.update(s.entry(blob, m, input_shape, r["baseline_value"]))
+            metrics["ratios"][m] = r["ratio"]
     metrics["shipped"]["bytes"] = len(blob)
 
 

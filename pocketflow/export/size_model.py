@@ -210,13 +210,14 @@ class TFLiteSizeModel:
 
     @classmethod
     def calibrate(cls, model, representative, sample: int = 16384, sparse_encoding: bool = False,
-                  warm: bool = True) -> "TFLiteSizeModel":
+                  warm: bool = True, float_blob: bytes | None = None) -> "TFLiteSizeModel":
         """Convert `model` to float and int8 TFLite once each (+ once each pruned to 50% with
-        EXPERIMENTAL_SPARSITY when `sparse_encoding`, to measure the sparse tensors' fixed bytes)."""
+        EXPERIMENTAL_SPARSITY when `sparse_encoding`, to measure the sparse tensors' fixed bytes);
+        `float_blob`: its float file, if the caller has converted it already."""
         from pocketflow.export.tflite import to_tflite
         from pocketflow.metrics import gzip_size
-        blobs = {"float": to_tflite(model), "int8": to_tflite(model, "int8", representative,
-                                                              weight_scales="per_channel")}
+        blobs = {"float": float_blob if float_blob is not None else to_tflite(model),
+                 "int8": to_tflite(model, "int8", representative, weight_scales="per_channel")}
         base = {d: SizePrediction(len(b), gzip_size(b)) for d, b in blobs.items()}
         qm = _match(model, _parse(blobs["int8"]))
         qpairs, qarr = {n: (f, b) for n, _, (_, f, b, _) in qm}, {n: a for n, _, (_, _, _, a) in qm}
