@@ -1,7 +1,8 @@
 """The outer search: which learner params give the best validation accuracy at the target ratio.
 
 One loop, whatever the optimizer: ask a point -> project it onto the target (learner.project,
-before any training) -> compress with a short fine-tune (search.trial_epochs / trial_steps) ->
+before any training) -> optionally a cheap ranking score that may prune it (search.rank,
+hpo.fidelity) -> compress with a short fine-tune (search.trial_epochs / trial_steps) ->
 validation accuracy of the deployable model and its measured ratio, recorded in the study.
 
 The Optuna study (hpo.study) is the only state, so resume and parallel workers come from one
@@ -21,8 +22,9 @@ import warnings
 from pocketflow.errors import PocketFlowError
 from pocketflow.hpo import liveness, progress
 from pocketflow.hpo.space import build_space, complete_point
-from pocketflow.hpo.study import (best_trial, holds_slot, is_feasible, is_finished, make_pruner, open_storage,
-                                  open_study, prediction_bias, state)
+from pocketflow.hpo.fidelity import Ranker
+from pocketflow.hpo.study import (best_trial, history, holds_slot, is_finished, make_pruner, open_storage, open_study,
+                                  prediction_bias, state)
 from pocketflow.io import redact_url, to_builtin
 from pocketflow.targets import FILE_METRICS, TOLERANCE
 
@@ -50,6 +52,7 @@ class Search:
         self.ran = 0
         self._report_step = 0
         self._bar = None
+        self.ranker = Ranker(self)  # search.rank: a cheap score before each fine-tune
         self.clock = progress.Clock()  # the search clock starts after prepare_search
 
     # -- checks and the study (rank 0) ------------------------------------------------------------
@@ -97,20 +100,6 @@ class Search:
         liveness.reap(self.study, self.storage, self._requeue, self._log)
 
     # -- choosing the next trial (rank 0) ---------------------------------------------------------
-    def _history(self, trials):
-        """(number, params, value) of finished trials for the optimizer; failed, infeasible and
-        pruned-without-values trials get the worst value seen (accuracy-like, higher is better)."""
-        done = [t for t in trials if holds_slot(t) and is_finished(t)]
-        values = [t.value for t in done if t.state == state("COMPLETE")]
-        floor = min(values) if values else 0.0
-        for t in done:
-            if is_feasible(t):
-                yield t.number, t.params, t.value
-            elif t.state == state("PRUNED") and t.intermediate_values:
-                yield t.number, t.params, min(floor, t.intermediate_values[max(t.intermediate_values)])
-            else:
-                yield t.number, t.params, floor
-
     def _next(self):
         """The next trial to run as {'number', 'raw'}, or None when the budget is spent."""
         while True:
@@ -139,7 +128,7 @@ class Search:
         with self.clock.timed("optimizer"), warnings.catch_warnings():
             # we run the heartbeat ourselves (ask/tell, not optimize)
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            self.optimizer.sync(self._history(trials))
+            self.optimizer.sync(history(trials))
             trial = self.optimizer.ask(self.study, pending)  # (includes creating the trial row)
         with self.clock.timed("study_io"):
             trial.set_user_attr("worker", liveness.worker_tag())
@@ -226,6 +215,7 @@ class Search:
         from pocketflow import metrics as M
         from pocketflow.faults import crash_point
         crash_point("trial")  # the trial is RUNNING in the study, nothing trained yet
+        t_ft = self.ranker.gate(params)  # may prune the trial before its fine-tune
         comp = self.learner.compress(self.model, params, self.ctx.data, self._budget())
         t1 = time.perf_counter()
         self.clock.train_s += t1 - t0
@@ -235,7 +225,8 @@ class Search:
             ratio = float(self.learner.measure(self.model, comp, self.metric))
             self.clock.eval_s += time.perf_counter() - t1
             with self.clock.timed("study_io"):
-                self._complete(acc, ratio, comp, time.perf_counter() - t0, t1 - t0)
+                self.ranker.finish(acc, t1 - t_ft)
+                self._complete(acc, ratio, comp, time.perf_counter() - t0, t1 - t0, params)
 
     @contextlib.contextmanager
     def _recorded(self, t0: float):
@@ -273,10 +264,10 @@ class Search:
                 raise
 
     # -- recording (rank 0) -----------------------------------------------------------------------
-    def _complete(self, acc: float, ratio: float, comp, seconds: float, train_seconds: float):
-        t = self.trial
+    def _complete(self, acc: float, ratio: float, comp, seconds: float, train_seconds: float, params: dict):
+        t, shipped = self.trial, self.learner.shipped_for(params)
         attrs = {"val_acc": float(acc), "metric": self.metric, "ratio": ratio,
-                 **({"file": self.ctx.shipped.file} if self.metric in FILE_METRICS and self.ctx.shipped else {}),
+                 **({"file": shipped.file} if self.metric in FILE_METRICS and shipped else {}),
                  "size_bytes": int(comp.size_bytes), "seconds": seconds, "train_seconds": train_seconds}
         if comp.info and len(repr(comp.info)) < 20000:
             attrs["info"] = to_builtin(comp.info)
@@ -381,6 +372,7 @@ class Search:
             trials, best, optimizer=self.optimizer.info(),
             pruner=self.cfg["pruner"] if self.optimizer.prunes else "none",
             study_name=self.study_name, storage=redact_url(self.url), trials_this_worker=self.ran,
+            **self.ranker.summary(trials),
             **self.clock.account(), report=str(self.ctx.run_dir / "report.md"))
         self._log(f"search: best trial {best.number}: val_acc {best.value:.4f}"
                   + (f", {self.metric} {best.user_attrs['ratio']:.2f}x" if "ratio" in best.user_attrs else "")

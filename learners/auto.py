@@ -8,7 +8,12 @@ trials are the methods' default points (the recipes), so the search starts where
 engineer would and spends the rest of its budget improving on them.
 
 Which methods a target calls for (`METHODS`), and why:
-- `flops` / `latency`: prune channels (a narrower dense model is faster everywhere).
+- `flops`: prune channels (the only method that removes multiply-accumulates).
+- `latency`: prune channels, ship int8, or both. Whether int8 kernels run faster than float ones
+  depends on the CPU (4x faster on a Xeon with AVX-512 VNNI, 0.8x on an AMD EPYC without it), so
+  it is measured on the baseline's own files before the search: where int8 is slower, the int8
+  methods are dropped with a notice; where faster, all three are searched, each projected with
+  its own file type's latency table.
 - `size` (the shipped file's raw bytes): a dense TFLite buffer stores every zero and int8 stores a
   byte per weight whatever the bits, so only fewer channels and int8 shrink it.
 - `download_size` / `packed_size`: zeros and few distinct values also compress, so sparsity
@@ -32,7 +37,7 @@ from pocketflow.schema import Field
 
 METHODS = {
     "flops": [["channel_pruning"]],
-    "latency": [["channel_pruning"]],
+    "latency": [["channel_pruning"], ["uniform_quant"], ["channel_pruning", "uniform_quant"]],
     "size": [["channel_pruning", "uniform_quant"], ["uniform_quant"]],
     "download_size": [["weight_sparsity", "uniform_quant"],
                       ["weight_sparsity", "nonuniform_quant", "uniform_quant"],
@@ -133,10 +138,7 @@ class Auto(Learner):
             self.validate(cfg, "<auto>")
         self.methods = {name: Chain(sub, seed) for name, sub in cfg["resolved"].items()}
         deploys = {c.export_quantize for c in self.methods.values()}
-        if len(deploys) > 1:
-            raise ConfigError("learner.methods: every method of one search must ship the same file type "
-                              f"(these mix {', '.join(str(d or 'float') for d in deploys)})")
-        self.export_quantize = deploys.pop()
+        self.export_quantize = deploys.pop() if len(deploys) == 1 else None  # else: per method (shipped_for)
         self.metrics = tuple(sorted(set.intersection(*(set(c.metrics) for c in self.methods.values()))))
 
     # -- the point: method + that method's own keys ----------------------------------------------
@@ -157,9 +159,14 @@ class Auto(Learner):
 
     # -- search -------------------------------------------------------------------------------
     def ship(self, shipped) -> None:
+        """Each method ships its own file type (float, or int8 after uniform_quant) unless
+        `export.quantize` fixes one for the run."""
         super().ship(shipped)
         for chain in self.methods.values():
-            chain.ship(shipped)
+            chain.ship(shipped.with_deploy(chain.export_quantize))
+
+    def shipped_for(self, params: dict):
+        return self.split(params)[1].shipped
 
     def check(self, model) -> None:
         for chain in self.methods.values():
@@ -194,19 +201,41 @@ class Auto(Learner):
     def check_target(self, model, metric: str, ratio: float | None) -> None:
         """Methods that cannot reach the target are dropped, with a notice (no trial is spent on
         them); refused only if none can."""
+        if ratio is not None and metric == "latency":
+            self._drop(self._slower_file_types(model))
         super().check_target(model, metric, ratio)
         if ratio is None:
             return
-        out = {n: c for n, c in self.methods.items()
-               if metric not in c.metrics or c.max_ratio(model, metric) < ratio * 0.9999}
-        if out and len(out) < len(self.methods):
-            from pocketflow.distributed import world
-            for n, c in out.items():
-                if world().is_root:
-                    top = f"{c.max_ratio(model, metric):.2f}x" if metric in c.metrics else "none"
-                    print(f"learner: auto: method {n} cannot reach {metric} {ratio:g}x (maximum {top}); "
-                          "not searched", flush=True)
-                del self.methods[n]
+        self._drop({n: f"cannot reach {metric} {ratio:g}x (maximum "
+                       + (f"{c.max_ratio(model, metric):.2f}x)" if metric in c.metrics else "none)")
+                    for n, c in self.methods.items()
+                    if metric not in c.metrics or c.max_ratio(model, metric) < ratio * 0.9999})
+
+    def _slower_file_types(self, model) -> dict:
+        """Methods whose file type runs the unchanged model slower than a float file does, while a
+        float method is searched too: at any pruning they are slower than the float method at the
+        same pruning (measured on this machine, once per model)."""
+        if not any(c.shipped is None or c.shipped.deploy == "float" for c in self.methods.values()):
+            return {}
+        out = {}
+        for n, c in self.methods.items():
+            if c.shipped is not None and c.shipped.deploy != "float":
+                speed = c.shipped.same_graph_ratio(model, "latency")
+                if speed < 1.0:
+                    out[n] = (f"ships {c.shipped.file}, which runs this model at {speed:.2f}x the float file's "
+                              f"speed on this machine (batch {c.shipped.batch}, {c.shipped.threads} thread(s))")
+        return out
+
+    def _drop(self, reasons: dict) -> None:
+        """Leave out methods (with a notice each), never all of them: the reachability check of
+        the rest refuses the target in one line if none can meet it."""
+        from pocketflow.distributed import world
+        if not reasons or len(reasons) == len(self.methods):
+            return
+        for n, why in reasons.items():
+            if world().is_root:
+                print(f"learner: auto: method {n} {why}; not searched", flush=True)
+            del self.methods[n]
 
     def max_ratio(self, model, metric: str) -> float:
         return max(c.max_ratio(model, metric) for c in self.methods.values() if metric in c.metrics)

@@ -75,6 +75,10 @@ class Learner(abc.ABC):
         setting); a chain tells its steps."""
         self.shipped = shipped
 
+    def shipped_for(self, params: dict):
+        """The file a point ships (a method search may ship float for one method, int8 for another)."""
+        return self.shipped
+
     # -- search ---------------------------------------------------------------------------
     @abc.abstractmethod
     def search_space(self, model) -> dict:

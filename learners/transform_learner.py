@@ -171,6 +171,8 @@ class TransformLearner(Learner):
     def predict_ratio(self, model, params, metric):
         if metric in SIZE_METRICS:  # the shipped file's size model
             return super().predict_ratio(model, params, metric)
+        if metric == "latency" and self.shipped is not None:  # the graph stays: only the file type counts
+            return self.shipped.same_graph_ratio(model, metric)
         return ratio_from_reps(model, self.predicted_reps(model, params), self.prepared_params(model),
                                metric, self.name)
 

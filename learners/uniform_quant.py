@@ -156,6 +156,8 @@ class UniformQuant(TransformLearner):
     dim = "bits"
     value_field = "bits"
     export_quantize = "int8"
+    #: int8 kernels change the shipped file's speed (on some CPUs up, on others down: measured)
+    metrics = TransformLearner.metrics + ("latency",)
     params = {
         "bits": Field(int, 8, check=_bits_2_8, help="weight bits, 2..8"),
         "per_layer": per_layer_field(_bits_2_8, "bits"),

@@ -225,6 +225,7 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
     budget = Budget(epochs=ft["epochs"], steps=ft.get("steps"))
     comp = learner.compress(ctx.model, params, ctx.data, budget)
     params, comp = meet_target(ctx.target, learner, ctx.model, ctx.data, params, comp, budget, _log)
+    ctx.shipped = learner.shipped_for(params) or ctx.shipped  # a method search ships its method's file type
     metrics = {
         "learner": learner.name, "params": params, "baseline": ctx.baseline,
         "test_accuracy": M.accuracy(comp.deploy, ctx.data.x_test, ctx.data.y_test),
@@ -239,7 +240,9 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
     if world().is_root:
         staging = make_temp_dir(ctx.run_dir, ".best.")
         exp = cfg["export"]
-        files = export_model(comp.deploy, staging, exp["formats"], exp["quantize"] or learner.export_quantize, ctx.data, exp["verify"], weight_scales=exp["weight_scales"])
+        deploy = None if ctx.shipped.deploy == "float" else ctx.shipped.deploy
+        files = export_model(comp.deploy, staging, exp["formats"], deploy, ctx.data, exp["verify"],
+                             weight_scales=exp["weight_scales"])
         files["files"].update(learner.export_extra(comp, staging))
         for entry in files["files"].values():  # paths as they will be after the swap
             if "path" in entry:

@@ -16,7 +16,7 @@ useful to compare methods, never a download size. `compression`, its old name, i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -59,8 +59,10 @@ class Shipped:
     batch: int = 1
     threads: int = 1
     weight_scales: str = "auto"
+    #: set by `export.quantize`: a learner may not pick another deploy type per method
+    fixed: bool = False
+    #: baseline files, their values and the size model, shared by `with_deploy` copies
     _base: dict = field(default_factory=dict, repr=False)
-    _size_model: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def for_run(cls, export: dict, target: dict, learner_quantize: str | None, data) -> "Shipped":
@@ -69,7 +71,16 @@ class Shipped:
         return cls(deploy=export["quantize"] or learner_quantize or "float",
                    representative=data.representative() if data is not None else None,
                    batch=int(target.get("batch", 1)), threads=int(target.get("threads", 1)),
-                   weight_scales=export.get("weight_scales", "auto"))
+                   weight_scales=export.get("weight_scales", "auto"), fixed=export["quantize"] is not None)
+
+    def with_deploy(self, deploy: str | None) -> "Shipped":
+        """The same run shipping another file type (a method search mixes float and int8 methods);
+        the baseline's files, values and size model are shared, not measured again. `export.quantize`
+        wins over any learner's choice."""
+        deploy = deploy or "float"
+        if self.fixed or deploy == self.deploy:
+            return self
+        return replace(self, deploy=deploy, _base=self._base)
 
     @property
     def file(self) -> str:
@@ -104,19 +115,29 @@ class Shipped:
 
     def baseline_value(self, original, metric: str) -> float:
         """The float baseline file's value (converted and measured once per model)."""
-        key = (id(original), metric)
-        hit = self._base.get(key)
+        return self._cached(original, (metric,), lambda: self.value(self._baseline_blob(original), metric,
+                                                                  tuple(original.input_shape[1:])))
+
+    def _cached(self, original, key, make):
+        """`make()` computed once per baseline model (the cache holds the model to tell a new one
+        that reuses a freed id)."""
+        hit = self._base.get((id(original),) + key)
         if hit is None or hit[0] is not original:
-            blob = self._baseline_blob(original)
-            hit = self._base[key] = (original, self.value(blob, metric, tuple(original.input_shape[1:])))
+            hit = self._base[(id(original),) + key] = (original, make())
         return hit[1]
 
     def _baseline_blob(self, original) -> bytes:
-        hit = self._base.get((id(original), "blob"))
-        if hit is None or hit[0] is not original:
-            from pocketflow.export.tflite import to_tflite
-            hit = self._base[(id(original), "blob")] = (original, to_tflite(original))
-        return hit[1]
+        from pocketflow.export.tflite import to_tflite
+        return self._cached(original, ("blob",), lambda: to_tflite(original))
+
+    def same_graph_ratio(self, original, metric: str) -> float:
+        """The ratio of `original` itself shipped as this file type: what a learner that keeps the
+        graph (sparsity, clustering, quantization) gets on `latency` (int8 kernels may run faster,
+        or slower, than float ones on this CPU: measured, never assumed)."""
+        if self.deploy == "float":
+            return 1.0  # the baseline file itself
+        return self._cached(original, ("same_graph", metric, self.deploy),
+                            lambda: self.measure(original, original, metric))
 
     def ratio(self, original, blob: bytes, metric: str) -> float:
         """The measured ratio of a shipped file `blob` against the baseline's float file."""
@@ -134,13 +155,11 @@ class Shipped:
     # -- predictions ----------------------------------------------------------------------------
     def size_model(self, original):
         """The TFLite size model of `original` (calibrated once: one float and one int8 conversion)."""
-        if self._size_model is None or self._size_model[0] is not original:
-            from pocketflow.export.size_model import TFLiteSizeModel
-            if self.representative is None:
-                raise PocketFlowError("a size target needs representative images to calibrate its size model")
-            self._size_model = (original, TFLiteSizeModel.calibrate(original, self.representative,
-                                                                    float_blob=self._baseline_blob(original)))
-        return self._size_model[1]
+        from pocketflow.export.size_model import TFLiteSizeModel
+        if self.representative is None:
+            raise PocketFlowError("a size target needs representative images to calibrate its size model")
+        return self._cached(original, ("size_model",), lambda: TFLiteSizeModel.calibrate(
+            original, self.representative, float_blob=self._baseline_blob(original)))
 
     def predict(self, original, reps: dict, metric: str, pattern: str = "unstructured") -> float:
         """Predicted `size` / `download_size` ratio of the file whose kernels are stored as `reps`

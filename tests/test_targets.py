@@ -186,3 +186,54 @@ def test_a_final_model_that_misses_the_target_is_compressed_again(trained_seed_c
     assert learner.measure(trained_seed_cnn, again, "download_size") >= 6 * 0.99
     assert params != short and "misses the target 6x after the full fine-tune" in capsys.readouterr().out
     assert meet_target(target, learner, trained_seed_cnn, small_data, params, again, budget)[1] is again  # met
+
+
+def test_a_method_search_ships_each_methods_own_file_type(trained_seed_cnn, tmp_path):
+    """Auto over a float method and an int8 one: every trial is measured on its own method's file,
+    and best/ ships the chosen method's (metrics.json and the files agree)."""
+    import optuna
+    model = tmp_path / "seed.keras"
+    trained_seed_cnn.save(model)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: mix\nseed: 0\ndata: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\n"
+                   f"model: {{name: {model}}}\n"
+                   "learner: {name: auto, methods: [[channel_pruning], [uniform_quant]],\n"
+                   "          fine_tune: {epochs: 1, steps: 10, batch_size: 64, verbose: false}}\n"
+                   "target: {metric: size, ratio: 1.5}\n"
+                   "search: {optimizer: tpe, trials: 2, trial_steps: 5}\n")
+    proc = run_cli("run", cfg, "--output", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "mix"
+    trials = optuna.load_study(study_name="mix", storage=f"sqlite:///{run / 'study.db'}").get_trials()
+    files = {t.params["method"]: t.user_attrs["file"] for t in trials if t.state.name == "COMPLETE"}
+    assert files == {"channel_pruning": "model.tflite", "uniform_quant": "model_int8.tflite"}
+    m = json.loads((run / "best" / "metrics.json").read_text())
+    want = files[m["info"]["method"]]
+    assert m["shipped"]["file"] == want and m["measured"]["size"]["file"] == want
+    assert m["shipped"]["bytes"] == len((run / "best" / want).read_bytes())
+    assert (run / "best" / "model_int8.tflite").exists() == (want == "model_int8.tflite")
+
+
+def test_auto_for_latency_searches_int8_only_where_int8_runs_faster_here(trained_seed_cnn, tmp_path, capsys):
+    """Whether int8 kernels beat float ones is the CPU's business: measured on the baseline's own
+    files at set-up, and the int8 methods are searched only where they run faster."""
+    from pocketflow.api import setup
+    model = tmp_path / "seed.keras"
+    trained_seed_cnn.save(model)
+    cfg = {"name": "lat", "data": {"name": "npz", "path": str(SMALL_NPZ), "val_split": 0.1},
+           "model": {"name": str(model)}, "learner": {"name": "auto", "fine_tune": {"epochs": 1}},
+           "target": {"metric": "latency", "ratio": 1.3, "batch": 1, "threads": 1}}
+    with setup(cfg, output=tmp_path / "runs") as ctx:
+        int8 = ctx.shipped.with_deploy("int8")
+        assert int8.deploy == "int8" and int8._base is ctx.shipped._base  # the baseline is measured once
+        speed = int8.same_graph_ratio(ctx.model, "latency")  # the measurement set-up decided on (cached)
+        searched = set(ctx.learner.methods)
+    out = capsys.readouterr().out
+    assert "channel_pruning" in searched
+    if speed < 1.0:
+        assert searched == {"channel_pruning"}
+        assert f"method uniform_quant ships model_int8.tflite, which runs this model at {speed:.2f}x" in out
+    else:
+        assert "runs this model at" not in out
+        assert ("uniform_quant" in searched) == (speed >= 1.3)  # alone it reaches int8's own speed-up
+        assert "channel_pruning+uniform_quant" in searched
