@@ -57,6 +57,8 @@ def trial_line(trials, number: int, budget: int, metric: str) -> str:
                 notes.append(f"predicted {a['predicted_ratio']:.2f}x")
             what += (f", {metric} {a['ratio']:.2f}x" + (f" ({'; '.join(notes)})" if notes else "")
                      + ("" if is_feasible(t) else " (misses the target)"))
+        if rank := (t.user_attrs.get("stages") or [None])[0]:  # search.rank: the cheap score before
+            what += f"; ranked {rank['val_acc']:.4f} {rank['stage']} ({rank['seconds']:.1f}s)"
     else:
         what = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or ""
     secs = t.user_attrs.get("seconds")

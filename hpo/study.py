@@ -54,6 +54,22 @@ def best_trial(trials):
     return max(ok, key=lambda t: (t.value, -t.number)) if ok else None
 
 
+def history(trials):
+    """(number, params, value) of finished trials for the optimizer; failed, infeasible and
+    pruned trials get the worst value seen (accuracy-like, higher is better), a pruned one its
+    last intermediate value if that is lower."""
+    done = [t for t in trials if holds_slot(t) and is_finished(t)]
+    values = [t.value for t in done if t.state == state("COMPLETE")]
+    floor = min(values) if values else 0.0
+    for t in done:
+        if is_feasible(t):
+            yield t.number, t.params, t.value
+        elif t.state == state("PRUNED") and t.intermediate_values:
+            yield t.number, t.params, min(floor, t.intermediate_values[max(t.intermediate_values)])
+        else:
+            yield t.number, t.params, floor
+
+
 def prediction_bias(trials, method=None) -> float:
     """How much the ratio predictor has overrated the measured ratio so far: the 80th percentile of
     predicted / measured over completed trials (of the same `method` in a method search), 1 before

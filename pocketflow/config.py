@@ -68,6 +68,17 @@ SCHEMA: dict[str, Field] = {
         "fix": Field(dict, {}, open=True, help="dimension -> fixed value"),
         "space": Field(dict, {}, open=True, help="dimension -> [low, high] or list of choices"),
         "timeout": Field((int, float, type(None)), None, check=positive, help="seconds"),
+        "rank": Field(schema={  # a cheap ranking stage before each trial's fine-tune (pocketflow.hpo.fidelity)
+            "stage": Field(str, "none", choices=("none", "zero_shot", "short"),
+                           help="none | zero_shot (no fine-tune, BatchNorm re-estimated) | short (a fraction "
+                                "of the trial's fine-tune)"),
+            "keep": Field(float, 0.5, check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+                          help="share of ranked trials that go on to the fine-tune (1: rank, never prune)"),
+            "warmup": Field(int, 4, check=non_negative, help="trials ranked before any is pruned"),
+            "images": Field(int, 2000, check=positive, help="validation images the stage scores on"),
+            "fraction": Field(float, 0.1, check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
+                              help="short: its share of the trial's fine-tune"),
+        }),
     }),
     "export": Field(schema={
         "formats": Field(list, ["keras", "tflite"]),
@@ -75,6 +86,8 @@ SCHEMA: dict[str, Field] = {
         "verify": Field(bool, True, help="run the TFLite model and compare with Keras"),
         "weight_scales": Field(str, "auto", choices=("auto", "per_channel", "per_tensor", "per_tensor_dense"),
                                help="int8 weight scales; auto: per tensor where the trained weights sit on one grid"),
+        "sparse_encoding": Field(str, "off", choices=("off", "on", "auto"),
+                                 help="TFLite sparse tensor encoding; auto: where it shrinks the file and runs"),
     }),
     "output": Field(schema={
         "dir": Field(str, "runs"),
