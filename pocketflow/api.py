@@ -242,7 +242,7 @@ def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) 
         exp = cfg["export"]
         deploy = None if ctx.shipped.deploy == "float" else ctx.shipped.deploy
         files = export_model(comp.deploy, staging, exp["formats"], deploy, ctx.data, exp["verify"],
-                             weight_scales=exp["weight_scales"])
+                             weight_scales=exp["weight_scales"], sparse_encoding=exp["sparse_encoding"])
         files["files"].update(learner.export_extra(comp, staging))
         for entry in files["files"].values():  # paths as they will be after the swap
             if "path" in entry:
@@ -339,7 +339,7 @@ def evaluate(model_path, data: dict | None = None, unsafe_load: bool = False) ->
 
 
 def export(model_path, formats=("tflite",), quantize: str | None = None, data: dict | None = None,
-           output=None, weight_scales: str = "auto", unsafe_load: bool = False) -> dict:
+           output=None, weight_scales: str = "auto", unsafe_load: bool = False, sparse_encoding: str = "off") -> dict:
     """Export a run's best model or a `.keras` file (default: next to it). Into a run's own best/,
     the files and best/metrics.json are replaced together (one rename, under the run's lock), so
     metrics.json always describes the files on disk."""
@@ -353,7 +353,7 @@ def export(model_path, formats=("tflite",), quantize: str | None = None, data: d
         raise PocketFlowError("--quantize int8 needs --data (calibration images from its training split)")
     out = Path(output) if output else src.parent
     kw = {"formats": tuple(formats), "quantize": quantize, "data": ds, "verify": ds is not None,
-          "stem": src.stem, "weight_scales": weight_scales}
+          "stem": src.stem, "weight_scales": weight_scales, "sparse_encoding": sparse_encoding}
     run = find_run_dir(src)
     best = run / "best" if run is not None else None
     if best is None or not (best / "metrics.json").is_file() or out.resolve() != best.resolve():

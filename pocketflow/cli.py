@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--quantize", choices=("int8", "dynamic", "float16"))
     x.add_argument("--weight-scales", default="auto", choices=("auto", "per_channel", "per_tensor", "per_tensor_dense"),
                    help="int8 weight scales (auto: per tensor where the weights sit on one grid)")
+    x.add_argument("--sparse-encoding", default="off", choices=("off", "on", "auto"),
+                   help="TFLite sparse tensors (auto: where the file gets smaller and runs alike)")
     x.add_argument("--data", default=None, help="dataset for int8 calibration and verification "
                    "(default: the run's own data, for a model inside a run directory)")
     x.add_argument("--output", default=None, help="directory (default: next to the model)")
@@ -115,7 +117,7 @@ def _cmd_evaluate(args):
 def _cmd_export(args):
     from pocketflow import api
     res = api.export(args.model, args.format or ("tflite",), args.quantize, _data_cfg(args.data), args.output,
-                     args.weight_scales, args.unsafe_load)
+                     args.weight_scales, args.unsafe_load, args.sparse_encoding)
     for k, v in res["files"].items():
         extra = f", {v['bytes']:,} bytes" if "bytes" in v else ""
         acc = f", test accuracy {v['test_accuracy']:.4f}" if "test_accuracy" in v else ""

@@ -124,21 +124,24 @@ def format_table(rows: list[LayerCost]) -> str:
 
 # -- TFLite ------------------------------------------------------------------------------------
 
-def tflite_interpreter(model_bytes_or_path, threads: int = 1):
-    from ai_edge_litert.interpreter import Interpreter
+def tflite_interpreter(model_bytes_or_path, threads: int = 1, delegates: bool = True):
+    """delegates=False: the built-in kernels without XNNPACK (to tell a delegate's limit from a bad file)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from pocketflow.io import quiet_stderr
+    kw = {"num_threads": threads, "experimental_op_resolver_type":
+          OpResolverType.AUTO if delegates else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
     with quiet_stderr():  # native start-up messages
         if isinstance(model_bytes_or_path, (bytes, bytearray)):
-            return Interpreter(model_content=bytes(model_bytes_or_path), num_threads=threads)
-        return Interpreter(model_path=str(model_bytes_or_path), num_threads=threads)
+            return Interpreter(model_content=bytes(model_bytes_or_path), **kw)
+        return Interpreter(model_path=str(model_bytes_or_path), **kw)
 
 
 class TFLiteRunner:
     """Runs a TFLite model on float inputs, quantizing/dequantizing int8 I/O when needed."""
 
-    def __init__(self, model, threads: int = 1, batch: int = 1):
-        self.interp = tflite_interpreter(model, threads)
+    def __init__(self, model, threads: int = 1, batch: int = 1, delegates: bool = True):
+        self.interp = tflite_interpreter(model, threads, delegates)
         self.inp = self.interp.get_input_details()[0]
         self.out = self.interp.get_output_details()[0]
         self.batch = None

@@ -59,6 +59,7 @@ class Shipped:
     batch: int = 1
     threads: int = 1
     weight_scales: str = "auto"
+    sparse_encoding: str = "off"  # export.sparse_encoding: the shipped file may hold sparse tensors
     #: set by `export.quantize`: a learner may not pick another deploy type per method
     fixed: bool = False
     #: baseline files, their values and the size model, shared by `with_deploy` copies
@@ -71,7 +72,8 @@ class Shipped:
         return cls(deploy=export["quantize"] or learner_quantize or "float",
                    representative=data.representative() if data is not None else None,
                    batch=int(target.get("batch", 1)), threads=int(target.get("threads", 1)),
-                   weight_scales=export.get("weight_scales", "auto"), fixed=export["quantize"] is not None)
+                   weight_scales=export.get("weight_scales", "auto"),
+                   sparse_encoding=export.get("sparse_encoding", "off"), fixed=export["quantize"] is not None)
 
     def with_deploy(self, deploy: str | None) -> "Shipped":
         """The same run shipping another file type (a method search mixes float and int8 methods);
@@ -100,7 +102,7 @@ class Shipped:
         """The file `best/` would ship for `keras_model` (the export's conversion)."""
         from pocketflow.export.tflite import to_tflite
         return to_tflite(keras_model, None if self.deploy == "float" else self.deploy, self.representative,
-                         weight_scales=self.weight_scales)
+                         weight_scales=self.weight_scales, sparse_encoding=self.sparse_encoding)
 
     def value(self, blob: bytes, metric: str, input_shape: tuple) -> float:
         """Bytes, gzip'd bytes or milliseconds of one TFLite file."""
@@ -110,7 +112,11 @@ class Shipped:
         if metric == "download_size":
             return float(M.gzip_size(blob))
         if metric == "latency":
-            return M.tflite_latency(blob, input_shape, batch=self.batch, threads=self.threads)
+            try:
+                return M.tflite_latency(blob, input_shape, batch=self.batch, threads=self.threads)
+            except (RuntimeError, ValueError) as e:  # e.g. a diverged model's inf quantization scales
+                raise PocketFlowError(f"{self.file} does not run in the TFLite interpreter: "
+                                      + str(e).splitlines()[0][:300]) from None
         raise PocketFlowError(f"'{metric}' is not measured on a file")
 
     def baseline_value(self, original, metric: str) -> float:

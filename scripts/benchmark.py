@@ -29,6 +29,8 @@ SUITES = {  # name -> (script, what it measures)
     "bits": ("bits.py", "uniform 8/4/2-bit, non-uniform 4/2-bit, fixed vs searched per-layer bits"),
     "horovod": ("horovod.py", "throughput: 1 process vs horovodrun -np 2"),
     "auto": ("auto.py", "learner: auto on the shipped configs (pocketflow run) vs the best hand recipes"),
+    "sparse-encoding": ("sparse_encoding.py", "TFLite sparse tensor encoding: raw/gzip bytes, runs?, diffs, latency"),
+    "fidelity": ("fidelity.py", "search.rank: zero-shot / short-fine-tune scores vs the trial fine-tune (Spearman, s)"),
 }
 
 

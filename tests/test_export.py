@@ -128,3 +128,80 @@ def test_on_tensor_grid():
     s = np.abs(w).max(axis=0) / 127
     assert not on_tensor_grid(np.round(w / s) * s)  # a per-channel grid is not a per-tensor one
     assert on_tensor_grid(np.zeros((3, 3)))
+
+
+# -- sparse tensor encoding (docs/benchmarks/sparse_encoding.md) --------------------------------
+
+def magnitude_pruned(model, s: float, pattern: str = "unstructured"):
+    """A copy of the seed CNN with the share `s` of smallest-|w| weights of both kernels set to zero."""
+    import keras
+
+    from pocketflow.learners.transforms.mask import magnitude_mask
+    m = keras.models.clone_model(model)
+    m.set_weights(model.get_weights())
+    for layer in (m.get_layer("conv"), m.get_layer("logits")):
+        layer.kernel.assign(layer.kernel.numpy() * magnitude_mask(layer.kernel.numpy(), s, pattern, False))
+    return m
+
+
+def test_sparse_encoding_float_smaller_and_close(trained_seed_cnn, small_data):
+    from pocketflow.export import sparse_tensors
+    m = magnitude_pruned(trained_seed_cnn, 0.9)
+    dense, enc = to_tflite(m), to_tflite(m, sparse_encoding="on")
+    assert len(enc) * 5 <= len(dense)          # measured 5.29x at 90% unstructured
+    assert {t["op"] for t in sparse_tensors(enc)} == {"CONV_2D", "FULLY_CONNECTED"}
+    x = small_data.x_test[:100]
+    assert np.abs(M.TFLiteRunner(enc).predict(x) - M.predict(m, x)).max() <= 1e-4
+    assert to_tflite(m, sparse_encoding="auto") == enc
+    assert to_tflite(m, sparse_encoding="off") == dense   # off: today's file, byte for byte
+    assert not sparse_tensors(dense)
+
+
+def test_sparse_encoding_int8_only_where_it_runs(trained_seed_cnn, small_data):
+    import pytest
+
+    from pocketflow.errors import PocketFlowError
+    from pocketflow.export.sparse import lost_nonzeros
+    rep = small_data.representative(16)
+    m = magnitude_pruned(trained_seed_cnn, 0.9)     # FULLY_CONNECTED as CSR + DENSIFY: XNNPACK refuses it
+    dense = to_tflite(m, "int8", rep)
+    assert to_tflite(m, "int8", rep, sparse_encoding="auto") == dense
+    with pytest.raises(PocketFlowError, match="does not run"):
+        to_tflite(m, "int8", rep, sparse_encoding="on")
+    m = magnitude_pruned(trained_seed_cnn, 0.9, "1x16")
+    k = m.get_layer("logits").kernel
+    k.assign(np.concatenate([k.numpy()[:2016], np.full((12, 10), 0.05, np.float32)]))  # 2028 = 126x16 + 12
+    dense = to_tflite(m, "int8", rep)
+    assert lost_nonzeros(dense, to_tflite(m, "int8", rep, sparsity=True))   # the partial block is dropped
+    assert to_tflite(m, "int8", rep, sparse_encoding="auto") == dense
+
+
+def test_sparse_encoding_int8_blocks(small_data):
+    """1x16 blocks on a Dense layer with a multiple of 16 inputs: encoded, within one output step."""
+    import keras
+
+    from pocketflow.zoo import build_model
+    keras.utils.set_random_seed(0)
+    m = magnitude_pruned(build_model("seed_cnn", small_data.input_shape, 10, {"filters": 16}), 0.9, "1x16")
+    rep, x = small_data.representative(16), small_data.x_test[:100]
+    dense, enc = to_tflite(m, "int8", rep), to_tflite(m, "int8", rep, sparse_encoding="auto")
+    assert len(enc) * 4 <= len(dense)          # measured 4.05x
+    step = M.TFLiteRunner(dense).out["quantization"][0]
+    assert np.abs(M.TFLiteRunner(enc).predict(x) - M.TFLiteRunner(dense).predict(x)).max() <= 1.001 * step
+
+
+def test_export_model_records_sparse_encoding_and_config_refuses_bad(trained_seed_cnn, small_data, tmp_path):
+    import pytest
+
+    from pocketflow.config import load_config
+    from pocketflow.errors import ConfigError
+    m = magnitude_pruned(trained_seed_cnn, 0.9)
+    f = export_model(m, tmp_path, ("tflite",), "int8", small_data, verify=False, sparse_encoding="auto")["files"]
+    assert f["tflite"]["sparse_encoding"] == {"mode": "auto", "encoded": True}
+    assert f["tflite_int8"]["sparse_encoding"] == {"mode": "auto", "encoded": False}
+    assert "sparse_encoding" not in export_model(m, tmp_path, ("tflite",), verify=False)["files"]["tflite"]
+    base = {"data": {"name": "mnist"}, "model": {"name": "seed_cnn"}}
+    assert load_config(base)["export"]["sparse_encoding"] == "off"
+    assert load_config({**base, "export": {"sparse_encoding": "auto"}})["export"]["sparse_encoding"] == "auto"
+    with pytest.raises(ConfigError, match="sparse_encoding"):
+        load_config({**base, "export": {"sparse_encoding": "yes"}})

@@ -237,3 +237,36 @@ def test_auto_for_latency_searches_int8_only_where_int8_runs_faster_here(trained
         assert "runs this model at" not in out
         assert ("uniform_quant" in searched) == (speed >= 1.3)  # alone it reaches int8's own speed-up
         assert "channel_pruning+uniform_quant" in searched
+
+
+def test_sparse_encoding_through_a_run_and_pocketflow_export(trained_seed_cnn, tmp_path):
+    """`export.sparse_encoding: auto` on a 90%-sparse model: best/model.tflite (float) holds sparse
+    tensors and is several times smaller raw; the shipped int8 file is encoded only where the
+    interpreter runs it alike (unstructured int8 Dense kernels do not: docs/benchmarks/sparse_encoding.md)
+    and its ratios are measured on it as written; `pocketflow export --sparse-encoding off` writes
+    the dense float file back and metrics.json follows the files on disk."""
+    model = tmp_path / "seed.keras"
+    trained_seed_cnn.save(model)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: sp\nseed: 0\ndata: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\n"
+                   f"model: {{name: {model}}}\n"
+                   "learner: {name: weight_sparsity, sparsity: 0.9,\n"
+                   "          fine_tune: {epochs: 1, steps: 10, batch_size: 64, verbose: false}}\n"
+                   "export: {sparse_encoding: auto}\n")
+    proc = run_cli("run", cfg, "--output", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = tmp_path / "runs" / "sp" / "best"
+    m = json.loads((best / "metrics.json").read_text())
+    encoded = (best / "model.tflite").read_bytes()
+    assert m["exports"]["tflite"]["sparse_encoding"] == {"mode": "auto", "encoded": True}
+    assert m["exports"]["tflite"]["bytes"] == len(encoded)
+    shipped = (best / "model_int8.tflite").read_bytes()
+    assert m["shipped"]["file"] == "model_int8.tflite" and m["measured"]["size"]["value"] == len(shipped)
+    assert m["exports"]["tflite_int8"]["sparse_encoding"]["mode"] == "auto"
+    proc = run_cli("export", best.parent, "--sparse-encoding", "off")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m2 = json.loads((best / "metrics.json").read_text())
+    dense = (best / "model.tflite").read_bytes()
+    assert m2["exports"]["tflite"]["bytes"] == len(dense) > 3 * len(encoded)  # zeros stored again
+    assert "sparse_encoding" not in m2["exports"]["tflite"]
+    assert m2["ratios"] == m["ratios"]  # the shipped int8 file was not rewritten

@@ -8,16 +8,20 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from pocketflow.export.sparse import SPARSE_ENCODINGS, sparse_tensors
 from pocketflow.export.tflite import WEIGHT_SCALES, choose_weight_scales, on_tensor_grid, to_tflite, verify_tflite
 from pocketflow.io import atomic_save_model, atomic_write_bytes, quiet_stderr
 
-__all__ = ["export_model", "to_tflite", "verify_tflite", "choose_weight_scales", "on_tensor_grid", "WEIGHT_SCALES"]
+__all__ = ["export_model", "to_tflite", "verify_tflite", "choose_weight_scales", "on_tensor_grid", "WEIGHT_SCALES",
+           "SPARSE_ENCODINGS", "sparse_tensors"]
 
 
 def export_model(model, out_dir, formats=("keras", "tflite"), quantize: str | None = None,
-                 data=None, verify: bool = True, stem: str = "model", weight_scales: str = "auto") -> dict:
+                 data=None, verify: bool = True, stem: str = "model", weight_scales: str = "auto",
+                 sparse_encoding: str = "off") -> dict:
     """Write the requested formats into `out_dir`; returns paths, sizes and checks
-    (`weight_scales`: see `to_tflite`; the int8 entry records the layout used)."""
+    (`weight_scales`, `sparse_encoding`: see `to_tflite`; the int8 entry records the layout used,
+    every TFLite entry whether its file is sparse-encoded unless the option is off)."""
     from pocketflow.metrics import file_size, gzip_size, tflite_accuracy
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -38,9 +42,11 @@ def export_model(model, out_dir, formats=("keras", "tflite"), quantize: str | No
         rep = data.representative() if data is not None else None
         variants = {"": None} if quantize is None else {"": None, f"_{quantize}": quantize}
         for suffix, q in variants.items():
-            blob = to_tflite(model, q, rep, weight_scales=weight_scales)
+            blob = to_tflite(model, q, rep, weight_scales=weight_scales, sparse_encoding=sparse_encoding)
             p = atomic_write_bytes(out / f"{stem}{suffix}.tflite", blob)
             entry = {"path": str(p), "bytes": len(blob), "gzip_bytes": gzip_size(blob), "quantize": q}
+            if sparse_encoding != "off":
+                entry["sparse_encoding"] = {"mode": sparse_encoding, "encoded": bool(sparse_tensors(blob))}
             if q == "int8":
                 entry["weight_scales"] = (choose_weight_scales(model) if weight_scales == "auto"
                                           else weight_scales)

@@ -60,15 +60,30 @@ def choose_weight_scales(model) -> str:
 
 
 def to_tflite(model, quantize: str | None = None, representative: np.ndarray | None = None,
-              sparsity: bool = False, weight_scales: str = "auto") -> bytes:
+              sparsity: bool = False, weight_scales: str = "auto", sparse_encoding: str = "off") -> bytes:
     """Convert a Keras 3 model to TFLite flatbuffer bytes.
 
     weight_scales (int8 only): 'per_channel' (one scale per output channel), 'per_tensor' (one per
     kernel), 'per_tensor_dense' (per tensor for Dense, per channel for convolutions) or 'auto'
-    (`choose_weight_scales`: what the trained weights were quantized with)."""
-    import tensorflow as tf
+    (`choose_weight_scales`: what the trained weights were quantized with).
+    sparse_encoding: 'off' | 'on' | 'auto', see `export.sparse.pick` (checked on `representative`
+    or uniform [0, 1] inputs); `sparsity=True` is the converter's encoding unchecked."""
+    from pocketflow.export.sparse import SPARSE_ENCODINGS, pick
     if weight_scales not in WEIGHT_SCALES:
         raise PocketFlowError(f"unknown weight_scales '{weight_scales}': choose {', '.join(WEIGHT_SCALES)}")
+    if sparse_encoding not in SPARSE_ENCODINGS:
+        raise PocketFlowError(f"unknown sparse_encoding '{sparse_encoding}': choose {', '.join(SPARSE_ENCODINGS)}")
+    blob = _convert(model, quantize, representative, sparsity, weight_scales)
+    if sparse_encoding == "off" or sparsity:
+        return blob
+    encoded = _convert(model, quantize, representative, True, weight_scales)
+    x = (np.asarray(representative[:16], np.float32) if representative is not None else
+         np.random.default_rng(0).random((8, *model.input_shape[1:]), dtype=np.float32))
+    return pick(blob, encoded, sparse_encoding, x)
+
+
+def _convert(model, quantize, representative, sparsity: bool, weight_scales: str) -> bytes:
+    import tensorflow as tf
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     opts = []
     if quantize in ("dynamic", "int8", "float16"):
