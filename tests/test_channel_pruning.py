@@ -98,6 +98,8 @@ def zeroed_reference(model, graph, keep):
         if kind not in (PRODUCER, SEPARABLE):
             continue
         mask = graph.in_mask(name, keep)
+        if mask is None or mask.all():  # nothing read is pruned (a grouped conv's rows are C_in / groups)
+            continue
         layer = ref.get_layer(name)
         first = layer.weights[0]  # kernel, or the separable's depthwise kernel
         k = first.numpy()

@@ -204,6 +204,7 @@ def test_reshape_that_moves_channels_is_pinned_with_a_reason():
     assert any("mix (Reshape): Reshape moves channels between axes" in r for r in g.reasons)
 
 
+@pytest.mark.slow  # ~15 s: EfficientNetB0 is built, cloned and pruned at 32x32
 def test_efficientnet_b0_prunes_without_a_traceback(capsys):
     keras.utils.set_random_seed(0)
     model = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
@@ -214,7 +215,10 @@ def test_efficientnet_b0_prunes_without_a_traceback(capsys):
     assert len(g.prunable) > 30 and g.kinds["block2a_se_reshape"] == PASS
     x = images(model, n=4)
     assert max_diff(g.prune(model, g.full_keep()), model, x) <= 1e-5
-    p = lr.project(model, lr.default_params(model), "flops", 1.5)
+    p = lr.project(model, lr.default_params(model), "flops", 2.0)
     comp = lr.compress(model, p, None, Budget(epochs=0))
-    assert 1.5 <= lr.measure(model, comp, "flops") <= 1.52
+    assert 2.0 <= lr.measure(model, comp, "flops") <= 2.02
+    new = comp.deploy.get_layer
+    kept = new("block2a_dwconv").output.shape[-1]
+    assert new("block2a_se_reshape").target_shape[-1] == new("block2a_se_expand").filters == kept
     assert np.isfinite(comp.deploy.predict(x, verbose=0)).all()

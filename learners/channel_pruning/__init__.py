@@ -5,6 +5,8 @@ One concern per module:
 - `groups`: which channels must go together (the channel groups), from one walk of the layer
   graph (`learners.topology`, whose layer-kind registry says how channels flow through a layer);
   `graph`: the result, with channel masks and the analytic FLOPs/params cost model;
+- `nested`: a backbone used as one layer of the model, inlined for the analysis (the pruned
+  model keeps it nested);
 - `surgery`: the narrower Keras model, weights sliced;
 - `counts`: the channel counts a group may keep and the greedy top-ups of a projection;
 - `exchange`: the latency-aware re-rounding of a projected point;

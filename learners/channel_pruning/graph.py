@@ -57,6 +57,8 @@ class ChannelGraph:
         self.lay_out: dict[str, Layout] = lay_out
         self.order: list[str] = order
         self.reasons: list[str] = reasons
+        self.model = model                       # the model analysed (nested models inlined)
+        self.inlined: set[str] = set()           # names of the nested models inlined
         self.weight_rules: dict[str, dict] = {}  # layer -> weight -> {axis: side}, sliced layers only
         self._shapes: dict[str, list] = {}       # layer -> [(weight name, shape)], sliced layers only
         for name, spec in specs.items():

@@ -10,6 +10,8 @@ groups, per-channel and pass-through layers keep the layout, merges unite the gr
 by position, Concatenate and Flatten rearrange it. Anything else is opaque: the groups it
 touches are pinned and a one-line reason is recorded for it, and so is a layer whose analysis
 fails for any reason. Groups reaching a model output are pinned too (the logits are never pruned).
+A nested model is analysed through its layers (`nested.inline`): the graph is of the inlined model.
+A grouped conv, opaque to the registry, is followed here (`_grouped`): its outputs prune, its inputs stay.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import math
 import numpy as np
 
 from pocketflow.learners.channel_pruning.graph import ChannelGraph, Group, Layout
+from pocketflow.learners.channel_pruning.nested import inline
 from pocketflow.learners.topology import (CHANNELWISE, CONCAT, FLATTEN, INPUT, MERGE, OPAQUE, PASS, PRODUCER,
-                                          SEPARABLE, classify, mixing_activation, spec_of, walk)
+                                          SEPARABLE, _ungrouped, classify, mixing_activation, spec_of, walk)
 
 
 class _Groups:
@@ -86,6 +89,18 @@ def _produce(groups, node, in_lay):
     return out, None
 
 
+def _grouped(groups, node, in_lay):
+    """A grouped conv (groups=G): output block b reads input block b only, and Keras needs every
+    block equally wide. So its input channels are kept, and its output channels form one group
+    of C_out/G channels, channel j at position j of every block: pruning j narrows all blocks alike."""
+    layer, n = node.layer, _width(node.outputs[0])
+    for g in np.unique(in_lay[0].group):
+        groups.pin(int(g), f"read by grouped convolution {layer.name} (its blocks must stay equally wide)")
+    k, act = n // layer.groups, mixing_activation(layer)
+    gid = groups.new(k, producer=layer.name, pinned=f"{act} output" if act else None)
+    return Layout(np.full(n, gid, np.int64), np.tile(np.arange(k, dtype=np.int64), layer.groups)), None
+
+
 def _same(groups, node, in_lay):
     return in_lay[0], None
 
@@ -128,8 +143,8 @@ _SHAREABLE = (INPUT, PASS, MERGE, CONCAT, FLATTEN)  # kinds a layer called more 
 class _Analysis:
     """The state of one walk: layouts of the tensors seen so far and what is known per layer."""
 
-    def __init__(self, topo):
-        self.topo, self.groups = topo, _Groups()
+    def __init__(self, topo, nested_why: dict):
+        self.topo, self.groups, self.nested_why = topo, _Groups(), nested_why
         self.layout: dict[int, Layout] = {}   # id(KerasTensor) -> Layout
         self.kinds: dict[str, str] = {}
         self.specs: dict = {}
@@ -141,12 +156,15 @@ class _Analysis:
     def _flow(self, node, in_lay) -> tuple[str, Layout | None, str | None]:
         layer, ins, outs = node.layer, node.inputs, node.outputs
         kind, why = classify(layer, [_shape(t) for t in ins], [_shape(t) for t in outs])
+        flow = _FLOW.get(kind)
+        if kind == OPAQUE and getattr(layer, "groups", 1) > 1 and why == _ungrouped(layer, ins, outs) and in_lay:
+            kind, why, flow = PRODUCER, None, _grouped  # classify's only objection is the groups
         calls = self.topo.calls[layer.name]
         if calls > 1 and kind not in _SHAREABLE:
             kind, why = OPAQUE, f"shared layer (called {calls} times)"
         out = None
         if kind != OPAQUE:
-            out, why = _FLOW[kind](self.groups, node, in_lay)
+            out, why = flow(self.groups, node, in_lay)
             kind = OPAQUE if out is None else kind
         if len(in_lay) != len(ins) and kind != INPUT:
             kind, why = OPAQUE, "input from outside the analysed graph"
@@ -163,6 +181,7 @@ class _Analysis:
         except Exception as e:  # the analysis reports, it never stops a run
             kind, why = OPAQUE, f"analysis failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
         if kind == OPAQUE:
+            why = self.nested_why.get(layer.name, why)
             for lay in in_lay:
                 for g in np.unique(lay.group):
                     self.groups.pin(int(g), f"next to {layer.name}")
@@ -183,15 +202,26 @@ class _Analysis:
 
 
 def analyse(model) -> ChannelGraph:
-    """Channel groups of `model` (never raises on a layer: unknown ones are pinned with a reason)."""
-    topo = walk(model)
-    a = _Analysis(topo)
+    """Channel groups of `model` (never raises on a layer: unknown ones are pinned with a reason).
+    Their layer names are those of `model`; `graph.model` is the model they were found on (its
+    nested models inlined), the one to read tensors or layers of."""
+    try:
+        flat, inlined, why = inline(model)
+    except Exception as e:  # e.g. a layer inside that cannot be copied: the nested models stay opaque
+        import keras
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        flat, inlined, why = model, set(), {layer.name: f"nested model that cannot be inlined ({msg})"
+                                            for layer in model.layers if isinstance(layer, keras.Model)}
+    topo = walk(flat)
+    a = _Analysis(topo, why)
     for node in topo.nodes:
         a.visit(node)
     for t in topo.outputs:
         for g in np.unique(a.layout[id(t)].group):
             a.groups.pin(int(g), "reaches the model output")
-    return _result(a, model)
+    graph = _result(a, flat)
+    graph.inlined = inlined
+    return graph
 
 
 def _result(a: _Analysis, model) -> ChannelGraph:

@@ -197,7 +197,8 @@ class LatencyTable:
             if lin is None or lout is None:
                 continue
             cfg = {k: v for k, v in layer.get_config().items()
-                   if k in ("kernel_size", "strides", "padding", "dilation_rate", "depth_multiplier", "use_bias")}
+                   if k in ("kernel_size", "strides", "padding", "dilation_rate", "depth_multiplier", "use_bias")
+                   or k == "groups" and v != 1}  # (groups=1 left out: cached keys stay valid)
             spatial = tuple(int(d) for d in layer.input.shape[1:-1])
             self.layers[name] = {"cls": type(layer).__name__, "cfg": cfg, "spatial": spatial,
                                  "full_in": len(lin), "full_out": len(lout),

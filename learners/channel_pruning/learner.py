@@ -206,7 +206,7 @@ class ChannelPruning(Learner):
         if hit is None or hit[0] is not model:
             g = self.graph(model)
             sides = side_counts(g, *self._grid(), float(self.cfg["ratio_range"][0]))
-            hit = self._tables[key] = (model, LatencyTable(model, g, sides, self.cfg["latency_settings"],
+            hit = self._tables[key] = (model, LatencyTable(g.model, g, sides, self.cfg["latency_settings"],
                                                            deploy=self._deploy()))
         return hit[1]
 
@@ -225,7 +225,7 @@ class ChannelPruning(Learner):
         g = self.graph(model)
         counts = self._counts(g, params)
         crit = self.cfg["criterion"]
-        keep, overrides, notes = CRITERIA[crit](self, model, g, counts, data)
+        keep, overrides, notes = CRITERIA[crit](self, g.model, g, counts, data)  # nested models inlined
         pruned = g.prune(model, keep, overrides)
         hist = self.fine_tune(pruned, data, budget, teacher=model, hooks=hooks, params=params)
         info = {"criterion": crit,

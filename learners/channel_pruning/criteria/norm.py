@@ -12,7 +12,8 @@ def filter_norm(graph, model, group, order: int) -> np.ndarray:
     score = np.zeros(group.size)
     for name in group.producers:
         k = np.abs(kernel(graph, model.get_layer(name)))
-        score += (k ** order).reshape(-1, k.shape[-1]).sum(0) ** (1.0 / order)
+        # by channel of the group: a grouped conv holds channel j once in each of its blocks
+        np.add.at(score, graph.lay_out[name].index, (k ** order).reshape(-1, k.shape[-1]).sum(0) ** (1.0 / order))
     return score
 
 
