@@ -20,70 +20,11 @@ import time
 
 import numpy as np
 
+from pocketflow.batchnorm import BN_IMAGES, batchnorms, own_copy, reestimate_bn  # noqa: F401 (re-exported)
 from pocketflow.hpo.study import holds_slot
 
 STAGES = ("none", "zero_shot", "short")
 RANK_STEP = 0        # the ranking score's step in the trial's intermediate values
-BN_IMAGES = 512      # training images the BatchNorm statistics are re-estimated on
-BN_BATCH = 128
-
-
-# -- BatchNorm re-estimation ---------------------------------------------------------------------------
-def batchnorms(model) -> list:
-    """The BatchNormalization layers of `model` (nested models included) that update in training
-    mode (a frozen BN keeps its statistics in Keras 3, as the user asked)."""
-    import keras
-
-    from pocketflow.learners.wrap import all_layers
-    return [layer for layer in all_layers(model)
-            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable and not layer.renorm]
-
-
-def reestimate_bn(model, x: np.ndarray, batch: int = BN_BATCH) -> int:
-    """Set every BN layer's moving mean and variance to the mean of the batch statistics it sees
-    over `x` in training mode (momentum (i-1)/i at batch i: a running mean, not an EMA); returns
-    the number of BN layers. Only the BN statistics change: dropout is off during the passes and
-    every other variable is put back afterwards (a custom layer may update state in training)."""
-    bns = batchnorms(model)
-    if not bns or not len(x):
-        return 0
-    import keras
-    stats = {id(v) for b in bns for v in (b.moving_mean, b.moving_variance)}
-    kept = [(v, v.numpy()) for v in model.variables if id(v) not in stats]
-    drops = [(d, d.rate) for d in _dropouts(model)]
-    momenta = [b.momentum for b in bns]
-    try:
-        for d, _ in drops:
-            d.rate = 0.0
-        for i, start in enumerate(range(0, len(x), batch)):
-            for b in bns:
-                b.momentum = i / (i + 1)
-            model(keras.ops.convert_to_tensor(x[start:start + batch]), training=True)
-    finally:
-        for b, m in zip(bns, momenta):
-            b.momentum = m
-        for d, rate in drops:
-            d.rate = rate
-        for v, value in kept:
-            v.assign(value)
-    return len(bns)
-
-
-def _dropouts(model) -> list:
-    from pocketflow.learners.wrap import all_layers
-    return [layer for layer in all_layers(model) if type(layer).__name__.endswith("Dropout") and hasattr(layer, "rate")]
-
-
-def _own(deploy, original):
-    """`deploy`, or a copy of it when it shares variables with `original` (re-estimating must not
-    touch the model every trial starts from)."""
-    ids = {id(v) for v in original.variables}
-    if not any(id(v) in ids for v in deploy.variables):
-        return deploy
-    import keras
-    copy = keras.models.clone_model(deploy)
-    copy.set_weights(deploy.get_weights())
-    return copy
 
 
 # -- one candidate's score ------------------------------------------------------------------------------
@@ -106,7 +47,7 @@ def score(learner, model, params: dict, data, budget, images: int, bn: bool = Tr
     comp = learner.compress(model, params, data, budget)
     deploy, n_bn = comp.deploy, 0
     if bn and batchnorms(deploy):
-        deploy = _own(deploy, model)
+        deploy = own_copy(deploy, model)
         n_bn = reestimate_bn(deploy, data.representative(BN_IMAGES))
     acc = M.accuracy(deploy, data.x_val[:images], data.y_val[:images])
     return {"val_acc": float(acc), "seconds": time.perf_counter() - t0, "bn_layers": n_bn}

@@ -256,7 +256,11 @@ class Learner(abc.ABC):
         if params and "fine_tune/learning_rate" in params:  # a searched learning rate
             cfg["learning_rate"] = float(params["fine_tune/learning_rate"])
         trainer = Trainer(model, data, cfg, hooks=hooks, seed=self.seed)
-        return trainer.fit(epochs=budget.epochs, steps=budget.steps, on_epoch_end=budget.on_epoch_end)
+        history = trainer.fit(epochs=budget.epochs, steps=budget.steps, on_epoch_end=budget.on_epoch_end)
+        if cfg.get("recalibrate_bn", True):  # trials are scored, and the final model ships, with them
+            from pocketflow.batchnorm import recalibrate
+            recalibrate(model, data)
+        return history
 
     @classmethod
     def validate(cls, section: dict, source: str, where: str = "learner") -> dict:

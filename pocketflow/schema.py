@@ -85,6 +85,8 @@ TRAIN = {
     "label_smoothing": Field(float, 0.0, check=in_unit),
     "scale_lr": Field(bool, True, help="multiply the learning rate by the Horovod world size"),
     "early_stopping": Field((int, type(None)), None, check=positive, help="patience in epochs on validation accuracy"),
+    "recalibrate_bn": Field(bool, True, help="learner.fine_tune: BatchNorm statistics re-estimated after it on 512 "
+                            "training images, kept where validation accuracy does not drop"),
     "tensorboard": Field(bool, False),
     "verbose": Field(bool, True),
 }

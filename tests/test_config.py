@@ -79,7 +79,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 @pytest.mark.parametrize("metric", ["download_size", "packed_size", "size", "flops", "latency", "params"])
 def test_learner_auto_searches_the_methods_the_target_metric_calls_for(metric):
-    from pocketflow.learners.auto import METHODS, method_name
+    from pocketflow.learners.auto import METHODS, QAT_LR, method_name
     cfg = load_config({"data": {"name": "mnist"}, "model": {"name": "seed_cnn"},
                        "learner": {"name": "auto", "fine_tune": {"epochs": 2, "learning_rate": 1e-3}},
                        "target": {"metric": metric, "ratio": 2}})
@@ -90,7 +90,8 @@ def test_learner_auto_searches_the_methods_the_target_metric_calls_for(metric):
         chain = cfg["learner"]["resolved"][name]
         assert chain["steps"] == steps and chain["fine_tune"]["epochs"] == 2  # the user's shared keys
         lrs = [chain[s]["fine_tune"]["learning_rate"] for s in steps]
-        assert lrs == pytest.approx([1e-3 * 0.5 ** i for i in range(len(steps))])
+        assert lrs == pytest.approx([1e-3 * min(0.5 ** i, QAT_LR if s == "uniform_quant" else 1)
+                                     for i, s in enumerate(steps)])  # QAT: BatchNorm folded, a lower rate
         epochs = [chain[s]["fine_tune"]["epochs"] for s in steps]
         assert sum(epochs) == pytest.approx(2) if len(steps) > 1 else epochs == [2]
 

@@ -31,6 +31,8 @@ CASES = {  # name -> (config, --set overrides, what the hand recipe row is)
                      [f"model.name={SHARED / 'models' / 'vgg_small_fashion_mnist.keras'}"], None),
     "resnet-latency": ("configs/resnet20_latency.yaml",
                        [f"model.name={SHARED / 'models' / 'resnet20_fashion_mnist.keras'}"], None),
+    "resnet-latency-6x": ("configs/resnet20_latency.yaml",
+                          [f"model.name={SHARED / 'models' / 'resnet20_fashion_mnist.keras'}", "target.ratio=6"], None),
 }
 # the smoke version: the shipped Fashion-MNIST sample (works without ../shared), a short search
 QUICK = ["data.name=npz", f"data.path={ROOT / 'tests' / 'data' / 'fashion_mnist_small.npz'}", "train.epochs=1",
