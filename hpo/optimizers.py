@@ -23,7 +23,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from pocketflow.errors import PocketFlowError
-from pocketflow.hpo.space import Categorical, Dimension, Float, Int
+from pocketflow.hpo.space import BRANCH, Categorical, Dimension, Float, Int, branches
 from pocketflow.io import to_builtin
 from pocketflow.registry import Registry
 
@@ -41,6 +41,15 @@ def distributions(space: dict[str, Dimension]) -> dict[str, optuna.distributions
         else:
             out[name] = CategoricalDistribution(tuple(to_builtin(list(d.choices))))
     return out
+
+
+def suggest(trial: optuna.Trial, name: str, d: Dimension):
+    """One dimension's value for `trial`, define-by-run (an enqueued point's value if it has one)."""
+    if isinstance(d, Float):
+        return trial.suggest_float(name, float(d.low), float(d.high), log=d.log)
+    if isinstance(d, Int):
+        return trial.suggest_int(name, int(d.low), int(d.high), log=d.log)
+    return trial.suggest_categorical(name, tuple(to_builtin(list(d.choices))))
 
 
 def initial_points(trials: int) -> int:
@@ -103,17 +112,36 @@ class Optimizer(abc.ABC):
 
 @OPTIMIZERS.register("tpe")
 class TPE(Optimizer):
-    """Optuna's multivariate TPE; the constant liar keeps parallel workers from piling onto one point."""
+    """Optuna's multivariate TPE; the constant liar keeps parallel workers from piling onto one point.
+
+    A conditional space (`learner: auto`: a `method` and each method's dimensions under its name)
+    is asked define-by-run: the method first, then only its dimensions, and TPE's `group` mode
+    models each method's dimensions apart (a trial of one method says nothing about another's
+    per-layer ratios; the flat encoding made every trial carry every method's values)."""
     name = "tpe"
+
+    def __init__(self, space, seed=0, trials=10, options=None):
+        super().__init__(space, seed, trials, options)
+        self.branches = branches(self.space)
 
     def sampler(self):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=initial_points(self.trials),
-                                              multivariate=True, constant_liar=True)
+                                              multivariate=True, constant_liar=True, group=self.branches is not None)
+
+    def ask(self, study, pending=()):
+        if self.branches is None:
+            return super().ask(study, pending)
+        trial = study.ask()
+        choice = suggest(trial, BRANCH, self.space[BRANCH])
+        for name in self.branches[""] + self.branches[str(choice)]:
+            suggest(trial, name, self.space[name])
+        return trial
 
     def info(self):
-        return {**super().info(), "n_startup_trials": initial_points(self.trials), "multivariate": True}
+        return {**super().info(), "n_startup_trials": initial_points(self.trials), "multivariate": True,
+                "conditional": self.branches is not None}
 
 
 @OPTIMIZERS.register("random")

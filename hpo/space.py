@@ -108,3 +108,19 @@ def complete_point(space: dict, point: dict) -> dict:
     """`point` on `space`: its values clipped into their dimensions, every missing dimension at its
     center (a log range's geometric mean: a learner's default learning rate); keys off the space dropped."""
     return {name: (d.clip(point[name]) if name in point else d.center()) for name, d in space.items()}
+
+
+BRANCH = "method"  # a categorical dimension whose choices prefix the dimensions that belong to them
+
+
+def branches(space: dict) -> dict[str, list[str]] | None:
+    """A conditional space ({choice: its dimensions}, plus "" for those every point has), or None
+    when `space` has no `method` dimension or no dimension under a choice's name (`<choice>/...`)."""
+    d = space.get(BRANCH)
+    if not isinstance(d, Categorical):
+        return None
+    out: dict[str, list[str]] = {"": [], **{str(c): [] for c in d.choices}}
+    for name in space:
+        if name != BRANCH:
+            out[next((c for c in out if c and name.startswith(c + "/")), "")].append(name)
+    return out if any(out[str(c)] for c in d.choices) else None

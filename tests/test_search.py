@@ -370,3 +370,32 @@ def test_workers_opening_a_new_study_file_together_all_open_it(tmp_path):
             p.join(120)
         errors += [e for e in (queue.get(timeout=5) for _ in procs) if e]
     assert not errors, errors[:3]
+
+
+def test_tpe_asks_a_conditional_space_define_by_run(tmp_path):
+    """A `method` and each method's dimensions under its name: TPE asks the method first and then
+    only its dimensions (enqueued points too); a space without one stays flat."""
+    import optuna
+
+    from pocketflow.hpo.optimizers import OPTIMIZERS
+    from pocketflow.hpo.space import Categorical, Float, Int, branches
+    space = {"method": Categorical(("a", "b+c")), "a/x": Float(0.0, 1.0), "a/n": Int(1, 4),
+             "b+c/b/y": Float(1e-4, 1e-2, log=True), "lr": Float(0.1, 1.0)}
+    assert branches(space) == {"": ["lr"], "a": ["a/x", "a/n"], "b+c": ["b+c/b/y"]}
+    assert branches({"method": Categorical(("a",)), "x": Float(0, 1)}) is None
+    opt = OPTIMIZERS.get("tpe")(space, seed=0, trials=12)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize",
+                                sampler=opt.sampler())
+    study.enqueue_trial({"method": "b+c", "b+c/b/y": 1e-3, "lr": 0.5, "a/x": 0.3})  # a recipe point
+    seen = set()
+    for i in range(12):
+        t = opt.ask(study)
+        m = t.params["method"]
+        seen.add(m)
+        assert set(t.params) == {"method", "lr", *branches(space)[m]}
+        if i == 0:
+            assert t.params == {"method": "b+c", "b+c/b/y": 1e-3, "lr": 0.5}
+        study.tell(t, t.params.get("a/x", 0.2) + t.params["lr"])
+    assert seen == {"a", "b+c"} and opt.info()["conditional"] is True
+    flat = OPTIMIZERS.get("tpe")({"x": Float(0, 1)}, seed=0, trials=4)
+    assert flat.branches is None and flat.info()["conditional"] is False

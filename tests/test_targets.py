@@ -160,6 +160,9 @@ def test_auto_starts_from_each_methods_recipe_and_says_what_it_chose(download_ru
     trials = optuna.load_study(study_name="dl", storage=f"sqlite:///{run / 'study.db'}").get_trials()
     first = trials[:len(methods)]
     assert [t.params["method"] for t in first] == methods and all(t.user_attrs.get("initial") for t in first)
+    for t in trials:  # TPE asks a conditional space: a trial holds its own method's dimensions only
+        own = set(t.params) - {"method"}
+        assert own and all(k.startswith(t.params["method"] + "/") for k in own)
     m = json.loads((run / "best" / "metrics.json").read_text())
     best = trials[m["search"]["best_trial"]]
     assert m["info"]["method"] == best.params["method"] == m["params"]["method"]
