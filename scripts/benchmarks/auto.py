@@ -9,7 +9,8 @@ Every number of the auto rows comes from the run's own metrics.json: the ratio m
 file `best/` ships (named in the table), the shipped file's accuracy in the TFLite interpreter on
 the full test split, the search's wall time. The hand recipes are the bar: `seed_table.json`
 (scripts/benchmarks/seed_table.py, the same seed CNN / MNIST / 4-epoch baseline recipe), read
-from its page with its own date, or measured here with `--hand`.
+from its page with its own date, and for the ResNet-20 cases `HAND`, measured here with `--hand`
+(the same config and fine-tune through `pocketflow run`, the settings an engineer would pick, no search).
 """
 from __future__ import annotations
 
@@ -39,9 +40,20 @@ QUICK = ["data.name=npz", f"data.path={ROOT / 'tests' / 'data' / 'fashion_mnist_
          "learner.fine_tune.epochs=1", "search.trials=4", "search.trial_steps=30"]
 
 
-def run_case(name: str, quick: bool, out: Path) -> dict:
+# hand recipes with our own parts, through the same config and fine-tune, no search: what an
+# engineer would set by hand (QAT at a quarter of the config's learning rate, as auto's recipe does)
+HAND = {
+    "resnet-latency": ("int8 QAT alone, no search",
+                       ["learner.name=uniform_quant", "learner.fine_tune.learning_rate=0.0025", "search.optimizer=none"]),
+    "resnet-latency-6x": ("channels at one keep ratio -> int8 QAT, no search",
+                          ["learner.name=chain", "learner.steps=[channel_pruning, uniform_quant]",
+                           "learner.uniform_quant={fine_tune: {learning_rate: 0.0025}}", "search.optimizer=none"]),
+}
+
+
+def run_case(name: str, quick: bool, out: Path, hand: bool = False) -> dict:
     config, overrides, _ = CASES[name]
-    sets = overrides + (QUICK if quick else [])
+    sets = overrides + (QUICK if quick else []) + (HAND[name][1] if hand else [])
     cmd = [sys.executable, "-m", "pocketflow", "run", str(ROOT / config), "--output", str(out), "--force"]
     for s in sets:
         cmd += ["--set", s]
@@ -56,8 +68,9 @@ def run_case(name: str, quick: bool, out: Path) -> dict:
     shipped = m["shipped"]
     base = m["baseline"]["test_accuracy"]
     mix = m.get("search", {}).get("methods", {})
+    method = m["info"].get("method") or m["learner"]
     return {"case": name, "config": config, "target": f"{t['metric']} {t['ratio']:g}x",
-            "method": m["info"].get("method") or m["learner"], "file": shipped["file"],
+            "method": f"hand: {HAND[name][0]} ({method})" if hand else method, "file": shipped["file"],
             "ratio": m["ratios"][t["metric"]], "baseline": base, "tflite": shipped["test_accuracy"],
             "delta_pt": 100 * (shipped["test_accuracy"] - base),
             "minutes": (time.time() - t0) / 60,
@@ -91,6 +104,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--case", action="append", choices=list(CASES))
+    ap.add_argument("--hand", action="store_true", help="also run the case's hand recipe (HAND) here")
     a = ap.parse_args(argv)
     started = time.time()
     cases = a.case or (["seed-download"] if a.quick else
@@ -102,8 +116,12 @@ def main(argv=None) -> int:
             r = run_case(c, a.quick, Path(d))
             print({k: v for k, v in r.items() if k not in ("log", "ratios")}, flush=True)
             rows += [r] + ([] if a.quick else hand_rows(c))
+            if a.hand and c in HAND:
+                rows.append(run_case(c, a.quick, Path(d), hand=True))
+                print({k: v for k, v in rows[-1].items() if k not in ("log", "ratios")}, flush=True)
     if not a.quick and (DOCS / f"{name}.json").exists():  # the cases not run now keep their last rows
-        kept = [r for r in json.loads((DOCS / f"{name}.json").read_text())["rows"] if r["case"] not in cases]
+        kept = [r for r in json.loads((DOCS / f"{name}.json").read_text())["rows"] if r["case"] not in cases
+                or (not a.hand and r["method"].startswith("hand: ") and "command" in r)]  # hand rows run here
         rows = sorted(kept + rows, key=lambda r: list(CASES).index(r["case"]))
     cols = [("case", "case", ""), ("method", "method", ""), ("target", "target", ""), ("file", "measured on", ""),
             ("ratio", "ratio", ".2f"), ("baseline", "baseline acc", ".4f"), ("tflite", "shipped acc (TFLite)", ".4f"),
