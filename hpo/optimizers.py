@@ -234,15 +234,17 @@ class GP(Optimizer):
 
     def __init__(self, space, seed=0, trials=10, options=None):
         super().__init__(space, seed, trials, options)
-        from skopt import Optimizer as SkOptimizer
         self._names = list(self.space)
-        self._opt = SkOptimizer([self._dimension(d) for d in self.space.values()], base_estimator="GP",
-                                n_initial_points=initial_points(self.trials), acq_func="EI",
-                                random_state=self.seed)
+        self._opt = self._new_opt(self.seed)
         self._x: list[list] = []  # told but not yet fitted: one refit per ask, not per trial
         self._y: list[float] = []
         self._fitted = 0
         self._proposal = _Proposal()
+
+    def _new_opt(self, seed: int):
+        from skopt import Optimizer as SkOptimizer
+        return SkOptimizer([self._dimension(d) for d in self.space.values()], base_estimator="GP",
+                           n_initial_points=initial_points(self.trials), acq_func="EI", random_state=seed)
 
     @staticmethod
     def _dimension(d: Dimension):

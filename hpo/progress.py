@@ -49,7 +49,7 @@ def trial_line(trials, number: int, budget: int, metric: str) -> str:
     best = best_trial(trials)
     method = t.params.get("method")
     if t.state == state("COMPLETE"):
-        what = (f"[{method}] " if method else "") + f"val_acc {t.value:.4f}"
+        what = (f"[{method}] " if method else "") + f"val_acc {t.values[0]:.4f}"
         if "ratio" in t.user_attrs:
             a = t.user_attrs
             notes = [a["file"]] if a.get("file") else []
@@ -64,7 +64,7 @@ def trial_line(trials, number: int, budget: int, metric: str) -> str:
     secs = t.user_attrs.get("seconds")
     return (f"trial {number} [{done}/{budget}] {t.state.name.lower()}: {what}"
             + (f" ({secs:.1f}s)" if secs is not None else "")
-            + (f" | best {best.value:.4f} (trial {best.number})" if best else " | no feasible trial yet"))
+            + (f" | best {best.values[0]:.4f} (trial {best.number})" if best else " | no feasible trial yet"))
 
 
 def no_result(trials, metric: str, ratio: float | None) -> str:
@@ -82,7 +82,7 @@ def method_mix(trials, top: int = 5) -> dict:
     done = [t for t in trials if holds_slot(t) and is_finished(t) and "method" in t.params]
     if not done:
         return {}
-    best = sorted((t for t in done if is_feasible(t)), key=lambda t: -t.value)[:top]
+    best = sorted((t for t in done if is_feasible(t)), key=lambda t: -t.values[0])[:top]
     return {"tried": dict(Counter(t.params["method"] for t in done).most_common()),
             "best": dict(Counter(t.params["method"] for t in best).most_common()), "top": len(best)}
 
@@ -100,7 +100,7 @@ def summary(trials, best, **about) -> dict:
     states = Counter(t.state.name.lower() for t in held)
     return {
         **about,
-        "best_trial": best.number, "best_val_accuracy": best.value,
+        "best_trial": best.number, "best_val_accuracy": best.values[0],
         "best_ratio": best.user_attrs.get("ratio"), "best_raw_params": best.user_attrs.get("params"),
         "n_trials": sum(is_finished(t) for t in held), "n_complete": states.get("complete", 0),
         "n_pruned": states.get("pruned", 0), "n_failed": states.get("fail", 0),

@@ -22,7 +22,7 @@ def _rows(trials) -> list[dict]:
         rows.append({
             "number": t.number, "state": t.state.name.lower(), "void": not holds_slot(t),
             "params": a.get("projected") or a.get("params") or dict(t.params),
-            "ratio": a.get("ratio"), "val_acc": a.get("val_acc", t.value if t.state.name == "COMPLETE" else None),
+            "ratio": a.get("ratio"), "val_acc": a.get("val_acc", t.values[0] if t.state.name == "COMPLETE" else None),
             "feasible": is_feasible(t), "seconds": a.get("seconds"),
             "note": a.get("fail_reason") or a.get("prune_reason") or "",
         })
@@ -165,7 +165,7 @@ def write_report(study, run_dir) -> Path:
                  + (f", {voids} interrupted/surplus (not counted)" if voids else ""))
     if best is not None:
         a = best.user_attrs
-        lines.append(f"- best: trial {best.number}, validation accuracy {best.value:.4f}"
+        lines.append(f"- best: trial {best.number}, validation accuracy {best.values[0]:.4f}"
                      + (f", measured {metric} {a['ratio']:.2f}x" if a.get("ratio") is not None else ""))
         lines.append(f"- best params: {summarize_params(a.get('projected') or best.params, limit=20)}")
         from pocketflow.hpo.progress import method_mix, mix_line
@@ -184,6 +184,8 @@ def write_report(study, run_dir) -> Path:
     for name, title, draw in figs:
         if draw(run_dir / name):
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    from pocketflow.hpo.pareto_report import section
+    lines += section(study, run_dir, _save)  # pareto mode: the front, exported points measured on test
     lines += ["## Trials", "", "| # | state | params | ratio | val acc | time (s) | note |",
               "|---:|---|---|---:|---:|---:|---|"]
     for r in rows:

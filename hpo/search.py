@@ -23,6 +23,7 @@ from pocketflow.errors import PocketFlowError
 from pocketflow.hpo import liveness, progress
 from pocketflow.hpo.space import build_space, complete_point
 from pocketflow.hpo.fidelity import Ranker
+from pocketflow.hpo.pareto import Objectives
 from pocketflow.hpo.study import (best_trial, history, holds_slot, is_finished, make_pruner, open_storage, open_study,
                                   prediction_bias, state)
 from pocketflow.io import redact_url, to_builtin
@@ -53,6 +54,7 @@ class Search:
         self._report_step = 0
         self._bar = None
         self.ranker = Ranker(self)  # search.rank: a cheap score before each fine-tune
+        self.objectives = Objectives(self.cfg)  # accuracy, or the pareto vector (hpo.pareto)
         self.clock = progress.Clock()  # the search clock starts after prepare_search
 
     # -- checks and the study (rank 0) ------------------------------------------------------------
@@ -66,21 +68,21 @@ class Search:
 
     def open_study(self):
         import optuna
-
-        from pocketflow.hpo.optimizers import make_optimizer
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url = url = self.storage_url()
         self.storage = open_storage(url, lambda s, t: self._requeue(t))
         self.study_name = name = self.cfg["study_name"] or self.ctx.cfg["name"]
-        identity = {"learner": self.learner.name, "metric": self.metric, "ratio": self.ratio}
-        self.study = open_study(self.storage, name, make_pruner(self.cfg["pruner"], self.budget), identity, url)
+        identity = {"learner": self.learner.name, "metric": self.metric, "ratio": self.ratio,
+                    **self.objectives.identity()}
+        self.study = open_study(self.storage, name, make_pruner(self.cfg["pruner"], self.budget), identity, url,
+                                self.objectives.directions)
         self._reap()
         trials = self.study.get_trials(deepcopy=False)
         live = any(t.state == state("RUNNING") for t in trials)
         # a resumed or joining worker must not replay the draws of the first one
         seed = int(self.ctx.cfg["seed"]) + len(trials) + (os.getpid() if live else 0)
-        self.optimizer = make_optimizer(self.optimizer_name, self.space, seed, self.budget,
-                                        {"grid_points": self.cfg.get("grid_points")})
+        self.optimizer = self.objectives.optimizer(self.optimizer_name, self.space, seed, self.budget,
+                                                   {"grid_points": self.cfg.get("grid_points")})
         self.study.sampler = self.optimizer.sampler()
         cap = self.optimizer.capacity()
         if cap is not None and cap < self.budget:
@@ -143,7 +145,7 @@ class Search:
         raw = to_builtin({**trial.params, **self.fixed})
         with self.clock.timed("study_io"):
             trial.set_user_attr("params", raw)
-        self.trial = trial
+        self.trial = self.objectives.wrap(trial, self)
         return raw
 
     # -- running one trial (every rank) -----------------------------------------------------------
@@ -180,8 +182,9 @@ class Search:
             if self.ratio is not None:
                 bias = prediction_bias(self.study.get_trials(deepcopy=False), raw.get("method")) if root else None
                 aim = self.ratio * self.world.broadcast_object(bias)
-                params = self.learner.project(self.model, raw, self.metric, aim)
+                params = self.objectives.project(self.learner, self.model, raw, self.metric, aim)
             params = to_builtin(params)
+            self.objectives.predict(self, params)
         except PocketFlowError as e:  # this point cannot meet the target: a failed trial
             if root:
                 self._finish_trial(self.trial, "FAIL", reason=f"projection: {e}")
@@ -223,10 +226,11 @@ class Search:
             crash_point("trial_eval")  # trained, not yet recorded
             acc = M.accuracy(comp.deploy, self.ctx.data.x_val, self.ctx.data.y_val)
             ratio = float(self.learner.measure(self.model, comp, self.metric))
+            score = self.objectives.values(self, acc, ratio, comp)
             self.clock.eval_s += time.perf_counter() - t1
             with self.clock.timed("study_io"):
                 self.ranker.finish(acc, t1 - t_ft)
-                self._complete(acc, ratio, comp, time.perf_counter() - t0, t1 - t0, params)
+                self._complete(acc, ratio, comp, time.perf_counter() - t0, t1 - t0, params, score)
 
     @contextlib.contextmanager
     def _recorded(self, t0: float):
@@ -264,7 +268,7 @@ class Search:
                 raise
 
     # -- recording (rank 0) -----------------------------------------------------------------------
-    def _complete(self, acc: float, ratio: float, comp, seconds: float, train_seconds: float, params: dict):
+    def _complete(self, acc: float, ratio: float, comp, seconds: float, train_seconds: float, params: dict, score):
         t, shipped = self.trial, self.learner.shipped_for(params)
         attrs = {"val_acc": float(acc), "metric": self.metric, "ratio": ratio,
                  **({"file": shipped.file} if self.metric in FILE_METRICS and shipped else {}),
@@ -277,7 +281,7 @@ class Search:
             floor = self.ratio * (1 - TOLERANCE)
             t.set_user_attr("feasible", bool(ratio >= floor))
             t.set_constraint("ratio", (floor - ratio) / self.ratio)  # <= 0: meets the target
-        self.study.tell(t, float(acc))
+        self.study.tell(t, score)
 
     def _finish_trial(self, trial, state_name: str, reason: str, seconds: float | None = None):
         trial.set_user_attr("fail_reason" if state_name == "FAIL" else "prune_reason", reason)
@@ -372,9 +376,9 @@ class Search:
             trials, best, optimizer=self.optimizer.info(),
             pruner=self.cfg["pruner"] if self.optimizer.prunes else "none",
             study_name=self.study_name, storage=redact_url(self.url), trials_this_worker=self.ran,
-            **self.ranker.summary(trials),
+            **self.ranker.summary(trials), **self.objectives.summary(trials),
             **self.clock.account(), report=str(self.ctx.run_dir / "report.md"))
-        self._log(f"search: best trial {best.number}: val_acc {best.value:.4f}"
+        self._log(f"search: best trial {best.number}: val_acc {best.values[0]:.4f}"
                   + (f", {self.metric} {best.user_attrs['ratio']:.2f}x" if "ratio" in best.user_attrs else "")
                   + f"; overhead {summary['search_overhead_seconds']:.1f}s of {summary['wall_seconds']:.1f}s "
                   f"({100 * summary['search_overhead_share']:.1f}%)")

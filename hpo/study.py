@@ -49,9 +49,10 @@ def is_feasible(t) -> bool:
 
 
 def best_trial(trials):
-    """The highest validation accuracy among trials that meet the target, or None."""
+    """The highest validation accuracy among trials that meet the target, or None (accuracy is
+    value 0 in pareto mode too)."""
     ok = [t for t in trials if is_feasible(t)]
-    return max(ok, key=lambda t: (t.value, -t.number)) if ok else None
+    return max(ok, key=lambda t: (t.values[0], -t.number)) if ok else None
 
 
 def history(trials):
@@ -59,11 +60,11 @@ def history(trials):
     pruned trials get the worst value seen (accuracy-like, higher is better), a pruned one its
     last intermediate value if that is lower."""
     done = [t for t in trials if holds_slot(t) and is_finished(t)]
-    values = [t.value for t in done if t.state == state("COMPLETE")]
+    values = [t.values[0] for t in done if t.state == state("COMPLETE")]
     floor = min(values) if values else 0.0
     for t in done:
         if is_feasible(t):
-            yield t.number, t.params, t.value
+            yield t.number, t.params, t.values[0]
         elif t.state == state("PRUNED") and t.intermediate_values:
             yield t.number, t.params, min(floor, t.intermediate_values[max(t.intermediate_values)])
         else:
@@ -174,17 +175,19 @@ def make_pruner(name: str, budget: int):
     return factories[name]()
 
 
-def open_study(storage, name: str, pruner, identity: dict, url: str):
-    """The study `name` (created if new). A study that belongs to another search (other learner
-    or target) is refused: sharing it would mix incomparable trials."""
+def open_study(storage, name: str, pruner, identity: dict, url: str, directions=None):
+    """The study `name` (created if new; `directions` for a multi-objective one). A study that
+    belongs to another search (other learner, target or objectives) is refused: sharing it would
+    mix incomparable trials."""
     import optuna
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                load_if_exists=True, pruner=pruner)
+    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True, pruner=pruner,
+                                **({"directions": directions} if directions else {"direction": "maximize"}))
     old = study.user_attrs.get("pocketflow")
     if old is None:
         study.set_user_attr("pocketflow", to_builtin(identity))
     elif {k: old.get(k) for k in identity} != identity:
         raise PocketFlowError(f"study '{name}' in {redact_url(url)} belongs to another search (learner "
-                              f"{old.get('learner')}, target {old.get('metric')} {old.get('ratio')}x); "
+                              f"{old.get('learner')}, target {old.get('metric')} {old.get('ratio')}x"
+                              + (f", objectives {old['objectives']}" if old.get("objectives") else "") + "); "
                               "set search.study_name to start a new one")
     return study

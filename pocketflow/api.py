@@ -6,12 +6,12 @@
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pocketflow.config import Config, load_config
 from pocketflow.errors import PocketFlowError
+from pocketflow.final import RunResult, finalize, log as _log  # noqa: F401  (finalize: part of the API)
 
 
 @dataclass
@@ -54,26 +54,12 @@ class RunContext:
         self.close(ok=exc_type is None)
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    best_dir: Path
-    metrics: dict
-    params: dict
-
-
 def _as_config(config, overrides=(), target_ratio=None, **sections) -> Config:
     if isinstance(config, Config):
         if overrides or target_ratio is not None or sections:
             return load_config(config.raw, overrides, target_ratio, **sections)
         return config
     return load_config(config, overrides, target_ratio, **sections)
-
-
-def _log(msg: str) -> None:
-    from pocketflow.distributed import world
-    if world().is_root:
-        print(msg, flush=True)
 
 
 def open_run_dir(cfg: Config, output: str | None, resume: bool, force: bool):
@@ -210,62 +196,6 @@ def default_point(ctx: RunContext) -> dict:
     return params
 
 
-def finalize(ctx: RunContext, params: dict, search_summary: dict | None = None) -> RunResult:
-    """Compress with the full fine-tuning budget, evaluate on test, export to best/ atomically."""
-    from pocketflow import metrics as M
-    from pocketflow.distributed import world
-    from pocketflow.export import export_model
-    from pocketflow.faults import crash_point
-    from pocketflow.io import atomic_replace_dir, atomic_write_json, make_temp_dir
-    from pocketflow.learners import Budget
-    from pocketflow.targets import meet_target, ratio_line, shipped_record
-    cfg, learner = ctx.cfg, ctx.learner
-    ft = cfg["learner"]["fine_tune"]
-    t0 = time.perf_counter()
-    budget = Budget(epochs=ft["epochs"], steps=ft.get("steps"))
-    comp = learner.compress(ctx.model, params, ctx.data, budget)
-    params, comp = meet_target(ctx.target, learner, ctx.model, ctx.data, params, comp, budget, _log)
-    ctx.shipped = learner.shipped_for(params) or ctx.shipped  # a method search ships its method's file type
-    metrics = {
-        "learner": learner.name, "params": params, "baseline": ctx.baseline,
-        "test_accuracy": M.accuracy(comp.deploy, ctx.data.x_test, ctx.data.y_test),
-        "val_accuracy": M.accuracy(comp.deploy, ctx.data.x_val, ctx.data.y_val) if len(ctx.data.x_val) else None,
-        "size_bytes": comp.size_bytes, "params_count": M.count_params(comp.deploy),
-        "macs": M.count_macs(comp.deploy), "info": comp.info,
-        "target": ctx.target, "fine_tune_seconds": time.perf_counter() - t0,
-    }
-    if search_summary:
-        metrics["search"] = search_summary
-    best = ctx.run_dir / "best"
-    if world().is_root:
-        staging = make_temp_dir(ctx.run_dir, ".best.")
-        exp = cfg["export"]
-        deploy = None if ctx.shipped.deploy == "float" else ctx.shipped.deploy
-        files = export_model(comp.deploy, staging, exp["formats"], deploy, ctx.data, exp["verify"],
-                             weight_scales=exp["weight_scales"], sparse_encoding=exp["sparse_encoding"])
-        files["files"].update(learner.export_extra(comp, staging))
-        for entry in files["files"].values():  # paths as they will be after the swap
-            if "path" in entry:
-                entry["path"] = str(best / Path(entry["path"]).name)
-        metrics["exports"] = files["files"]
-        metrics.update(shipped_record(ctx.shipped, ctx.model, ctx.learner, comp, staging, metrics["exports"]))
-        t = ctx.target
-        if t["ratio"] is not None:
-            from pocketflow.targets import TOLERANCE
-            metrics["target_met"] = bool(metrics["ratios"][t["metric"]] >= t["ratio"] * (1 - TOLERANCE))
-        atomic_write_json(staging / "metrics.json", metrics)
-        crash_point("final_export")  # everything written, nothing swapped in yet
-        atomic_replace_dir(staging, best)
-        _log(f"best model: {best / 'model.keras'} (test accuracy {metrics['test_accuracy']:.4f}"
-             + (f"; shipped {ctx.shipped.file}: test accuracy {metrics['shipped']['test_accuracy']:.4f}"
-                if metrics["shipped"].get("test_accuracy") is not None else "") + ")")
-        _log("ratios: " + ratio_line(metrics["measured"]))
-        _log("exported: " + ", ".join(
-            f"{Path(e['path']).name} {e['bytes']:,} B" + (f" (gzip {e['gzip_bytes']:,} B)" if "gzip_bytes" in e else "")
-            for e in metrics["exports"].values() if "path" in e and "bytes" in e))
-    return RunResult(run_dir=ctx.run_dir, best_dir=best, metrics=metrics, params=params)
-
-
 def compress(config, overrides=(), target_ratio=None, output=None, resume=False, force=False,
              **sections) -> RunResult:
     """Run PocketFlow end to end: baseline, (search,) compress, fine-tune, export."""
@@ -274,6 +204,9 @@ def compress(config, overrides=(), target_ratio=None, output=None, resume=False,
             return finalize(ctx, default_point(ctx))
         from pocketflow.hpo.search import run_search
         params, summary = run_search(ctx)
+        if "pareto" in summary:  # every front point fine-tuned and exported (pocketflow.front)
+            from pocketflow.front import finalize_front
+            return finalize_front(ctx, summary)
         return finalize(ctx, params, summary)
 
 
@@ -386,9 +319,13 @@ def _describe_exports(metrics_path: Path, files: dict, best: Path, input_shape: 
     atomic_write_json(metrics_path, metrics)
 
 
-def best(run_dir) -> dict:
-    """The best result of a finished run: its metrics and checkpoint path."""
+def best(run_dir, ratio: float | None = None, metric: str | None = None) -> dict:
+    """The best result of a finished run: its metrics and checkpoint path; with `ratio`, the most
+    accurate exported pareto point meeting it (`metric`: default the run's first objective)."""
     import json
+    if ratio is not None or metric is not None:
+        from pocketflow.front import pick
+        return pick(run_dir, ratio, metric)
     p = Path(run_dir) / "best" / "metrics.json"
     if not p.is_file():
         raise PocketFlowError(f"{run_dir}: no finished result (best/metrics.json missing)")

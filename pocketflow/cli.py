@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("best", help="print the best trial of a run and its checkpoint path")
     b.add_argument("run_dir")
+    b.add_argument("--ratio", type=float, help="pareto runs: the most accurate exported point meeting this ratio")
+    b.add_argument("--metric", help="the ratio's metric (default: the run's first objective)")
+    f = sub.add_parser("front", help="print a pareto run's front as a table")
+    f.add_argument("run_dir")
     return p
 
 
@@ -127,7 +131,9 @@ def _cmd_export(args):
 
 def _cmd_best(args):
     from pocketflow import api
-    m = api.best(args.run_dir)
+    m = api.best(args.run_dir, args.ratio, args.metric)
+    if "pareto" in m:
+        print(f"pareto point: {m['pareto']['point']}")
     trial = m.get("search", {}).get("best_trial")
     if trial is not None:
         print(f"best trial: #{trial}")
@@ -140,8 +146,14 @@ def _cmd_best(args):
     return 0
 
 
+def _cmd_front(args):
+    from pocketflow.front import front_lines
+    print("\n".join(front_lines(args.run_dir)))
+    return 0
+
+
 COMMANDS = {"run": _cmd_run, "train": lambda a: _cmd_run(a, train_only=True), "inspect": _cmd_inspect,
-            "evaluate": _cmd_evaluate, "export": _cmd_export, "best": _cmd_best}
+            "evaluate": _cmd_evaluate, "export": _cmd_export, "best": _cmd_best, "front": _cmd_front}
 
 
 def _stop_signals() -> None:

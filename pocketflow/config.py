@@ -58,7 +58,12 @@ SCHEMA: dict[str, Field] = {
         "threads": Field(int, 1, check=positive, help="latency: interpreter threads"),
     }),
     "search": Field(schema={
-        "optimizer": Field(str, "none", help="none | tpe | gp | random | grid"),
+        "optimizer": Field(str, "none", help="none | tpe | gp | random | grid | nsga2"),
+        "objective": Field(str, "accuracy", choices=("accuracy", "pareto"),
+                           help="accuracy (at target.ratio) | pareto (the front of search.objectives)"),
+        "objectives": Field(list, [], help="pareto: accuracy, then target metrics, e.g. [accuracy, download_size]"),
+        "pareto_points": Field((int, type(None)), None, check=positive,
+                               help="pareto: front points fine-tuned and exported (spread evenly); none: all"),
         "trials": Field(int, 10, check=positive),
         "storage": Field((str, type(None)), None, help="SQLAlchemy URL; default sqlite in the run dir"),
         "study_name": Field((str, type(None)), None),
@@ -237,6 +242,8 @@ def _validate_cross(d: dict, source: str) -> None:
         "learner.name", d["learner"]["name"], LEARNERS.names(), source)
     validate_learner_section(d["learner"], source)
     from pocketflow.hpo import OPTIMIZERS
+    from pocketflow.hpo.pareto import validate as validate_pareto
+    validate_pareto(d, source)
     opt = d["search"]["optimizer"]
     if opt != "none" and opt not in OPTIMIZERS:
         _unknown("search.optimizer", opt, ["none"] + OPTIMIZERS.names(), source)
@@ -251,7 +258,7 @@ def _validate_cross(d: dict, source: str) -> None:
 
 
 SEARCH_ONLY = ("trials", "fix", "space", "pruner", "trial_epochs", "trial_steps", "timeout", "storage",
-               "study_name")
+               "study_name", "objective", "objectives", "pareto_points")
 KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 
@@ -269,6 +276,9 @@ def _ignored_keys(raw: dict, d: dict) -> list[tuple[str, str]]:
                  "search.optimizer to tpe, gp, random or grid, or remove it") for k in SEARCH_ONLY
                 # at its default a key says nothing (a run's own config.yaml lists every key)
                 if k in _given(raw, "search") and _given(raw, "search")[k] != SCHEMA["search"].schema[k].default]
+    if d["search"]["optimizer"] != "none" and d["search"]["objective"] != "pareto":
+        out += [(f"search.{k}", "without search.objective: pareto; set it or remove the key")
+                for k in ("objectives", "pareto_points") if _given(raw, "search").get(k) not in (None, [])]
     data, given = d["data"], _given(raw, "data")
     if data["name"] in KERAS_DATASETS and given.get("path") is not None:
         out.append(("data.path", f"with data.name: {data['name']} (a named dataset); to read the file set "
