@@ -3,7 +3,7 @@
 Every transform, the wrapper and the size accounting agree on one layout: a kernel's output
 channels are its last axis (depthwise: the last two, one channel per (in, multiplier)), and
 `as_matrix` views it as rows = channels, columns = that channel's weights in C order. A leaf
-module (Keras and NumPy only), so transforms and wrappers can both build on it.
+module (Keras, NumPy and the layer registry), so transforms and wrappers can both build on it.
 """
 from __future__ import annotations
 
@@ -11,10 +11,27 @@ import keras
 import numpy as np
 
 
-def is_kernel_layer(layer) -> bool:
-    """Conv2D, DepthwiseConv2D or Dense (channels-last, not already Keras-quantized or LoRA)."""
+def custom_kernel(layer):
+    """(kernel attribute, forward) of a layer registered with a compressible kernel
+    (`topology.register_layer(..., kernel=, forward=)`), else None."""
+    from pocketflow.learners.topology import spec_of
+    spec = spec_of(layer)
+    return None if spec is None or spec.forward is None else (spec.kernel, spec.forward)
+
+
+def _builtin_call(layer) -> bool:
+    """The layer computes what its Keras base class does (a subclass overriding `call` may not)."""
     L = keras.layers
-    if not isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)):
+    return any(type(layer).call is base.call for base in (L.Conv2D, L.DepthwiseConv2D, L.Dense))
+
+
+def is_kernel_layer(layer) -> bool:
+    """Conv2D, DepthwiseConv2D or Dense (channels-last, not already Keras-quantized or LoRA), or
+    a layer registered with a compressible kernel."""
+    L = keras.layers
+    if custom_kernel(layer) is not None:
+        return True
+    if not isinstance(layer, (L.Conv2D, L.DepthwiseConv2D, L.Dense)) or not _builtin_call(layer):
         return False
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return False
@@ -27,6 +44,9 @@ def is_depthwise(layer) -> bool:
 
 def kernel_variable(layer):
     """The kernel *variable* (Dense/Conv2D keep it in `_kernel`; `kernel` may be a computed view)."""
+    custom = custom_kernel(layer)
+    if custom is not None:
+        return getattr(layer, custom[0])
     var = getattr(layer, "_kernel", None)
     return var if var is not None else layer.kernel
 

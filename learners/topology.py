@@ -100,6 +100,8 @@ class LayerSpec:
     width: str | None = None
     check: Callable | None = None
     config: Callable | None = None
+    kernel: str | None = None         # the weight sparsity and quantization compress ...
+    forward: Callable | None = None   # ... and the forward pass that uses it (see register_layer)
 
     def resolve(self, layer, in_shapes: list, out_shapes: list) -> tuple[str, str | None]:
         """(kind, None), or (OPAQUE, reason) when this call is one the spec does not cover."""
@@ -133,7 +135,8 @@ _builtins_loaded = False
 
 
 def register_layer(layer_class: type, kind: str, *, weights: dict | None = None, width: str | None = None,
-                   check: Callable | None = None, config: Callable | None = None) -> type:
+                   check: Callable | None = None, config: Callable | None = None, kernel: str | None = None,
+                   forward: Callable | None = None) -> type:
     """Declare how channels flow through `layer_class` (one of `KINDS`, see the module docstring).
 
     weights: weight name -> {axis: "in" | "out" | "in*"}, the axes sliced with the input or
@@ -144,15 +147,24 @@ def register_layer(layer_class: type, kind: str, *, weights: dict | None = None,
         (it is then opaque: its channels are kept, the reason is reported).
     config: (config, in_mask, out_mask) -> the config of the narrower copy, for a layer whose
         config names a channel count.
+    kernel, forward: make one weight compressible by weight sparsity and quantization, which
+        transform a kernel inside a wrapper that recomputes the layer's output: `kernel` names
+        the attribute holding it (output channels on its last axis), `forward(layer, inputs,
+        kernel)` is the layer's output computed with `kernel` in its place. Without them the
+        layer's weights are left as they are (a subclass of Conv2D/Dense that overrides `call`
+        too: the wrapper would compute the base layer's op instead).
     Returns `layer_class`; registering a class again replaces its entry.
+    See learners/examples/custom_layers.py for a worked example.
     """
     if not isinstance(layer_class, type):
         raise PocketFlowError(f"register_layer: {layer_class!r} is not a class")
     if kind not in KINDS:
         raise PocketFlowError(f"register_layer: kind '{kind}' is not one of {', '.join(KINDS)}")
+    if (kernel is None) != (forward is None):
+        raise PocketFlowError("register_layer: give both kernel= and forward= (or neither)")
     _builtins()  # so a user's entry for a built-in class wins over the default
     _REGISTRY[layer_class] = LayerSpec(kind, dict(_DEFAULT_WEIGHTS.get(kind, {}) if weights is None else weights),
-                                       width, check, config)
+                                       width, check, config, kernel, forward)
     return layer_class
 
 

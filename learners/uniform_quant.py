@@ -25,7 +25,8 @@ import numpy as np
 
 from pocketflow.schema import Field
 from pocketflow.learners.base import register
-from pocketflow.learners.kernels import is_depthwise, is_kernel_layer, kernel_variable, num_channels
+from pocketflow.learners.kernels import (custom_kernel, is_depthwise, is_kernel_layer, kernel_variable,
+                                        num_channels)
 from pocketflow.learners.transform_learner import COMMON_PARAMS, TransformLearner, per_layer_field
 from pocketflow.learners.transforms import Codebook, FakeQuant
 from pocketflow.learners.wrap import (activation_quants, calibrate_activations, check_cloneable, clone_graph,
@@ -76,8 +77,8 @@ def fold_plan(model, fuse_activations: bool = True) -> list[tuple]:
     nxt = sole_consumers(model)
     plan = []
     for layer in model.layers:
-        if not (is_kernel_layer(layer) and _is_linear(layer)):
-            continue
+        if not (is_kernel_layer(layer) and custom_kernel(layer) is None and _is_linear(layer)):
+            continue  # (a user's layer: what its output does with a bias is its own)
         after, bn, act = nxt.get(layer.name), None, None
         if after is not None and _bn_foldable(after):
             bn, after = after, nxt.get(after.name)

@@ -28,7 +28,7 @@ import numpy as np
 from keras import ops
 
 from pocketflow.errors import PocketFlowError
-from pocketflow.learners.kernels import is_depthwise, is_kernel_layer, kernel_variable
+from pocketflow.learners.kernels import custom_kernel, is_depthwise, is_kernel_layer, kernel_variable
 from pocketflow.learners.transforms.activation import ActivationQuant, PooledQuant, defers_quant
 from pocketflow.learners.transforms.base import PKG
 
@@ -132,7 +132,7 @@ class KernelWrapper(keras.layers.Layer):
 
     @property
     def activation(self):  # the trainer asks the last layer whether it outputs logits
-        return self.layer.activation
+        return getattr(self.layer, "activation", None)
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -163,6 +163,10 @@ class KernelWrapper(keras.layers.Layer):
     def call(self, inputs, training=None):
         L = self.layer
         k = self.transformed_kernel(training=training)
+        custom = custom_kernel(L)
+        if custom is not None:  # a user's layer: its registered forward pass, with this kernel
+            y = custom[1](L, inputs, k)
+            return y if self.act_quant is None else self.act_quant(y, training=training)
         if is_depthwise(L):
             y = ops.depthwise_conv(inputs, k, strides=L.strides, padding=L.padding,
                                    dilation_rate=L.dilation_rate, data_format=L.data_format)
@@ -202,7 +206,7 @@ def _pairs(src, dst):
 
 
 def _is_relu(layer) -> bool:
-    return layer.activation in (keras.activations.relu, keras.activations.relu6)
+    return getattr(layer, "activation", None) in (keras.activations.relu, keras.activations.relu6)
 
 
 def _pooled_quants(model, select, output_bits) -> dict[str, tuple]:

@@ -53,7 +53,7 @@ class Exchange:
         self.table, self.grid, self.tol, self._memo = table, grid, tol, {}
 
     def cost(self, c: dict) -> float:
-        key = tuple(sorted(c.items()))
+        key = tuple(c.items())  # candidates keep the group order (an equal dict in another order only misses)
         if key not in self._memo:
             self._memo[key] = self._raw(c)
         return self._memo[key]

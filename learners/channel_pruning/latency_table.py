@@ -15,9 +15,15 @@ predicted latency is the sum over its layers; what the table leaves out (element
 pooling) is left out of every candidate alike, so it ranks architectures, it does not replace
 the measured `latency` target.
 
-Timings are the fastest of a few invokes (other jobs on a shared machine can only slow an
-invoke down) and are cached in a JSON file keyed by machine, TensorFlow version and layer
-signature, so a model's table is measured once per machine (about a minute for ResNet-20).
+Only what the projection can ask for is measured, each shape once (docs/latency_table.md):
+counts on the tile grid above the ratio floor, every 4th below 16, and above 128 only the
+`_anchor` counts, the same for every layer (linear between them: on tile multiples the cost
+is close to linear); a concatenation's width at the tile multiples. An entry's key is the layer
+signature (class, config, input resolution, c_in, c_out), so equal shapes share it across
+layers and models. Timings (latency_measure.py) are the fastest of a few invokes (other jobs
+on a shared machine can only slow an invoke down) and are cached in a JSON file keyed by
+machine and TensorFlow version: a model's table is measured once per machine (about 10-60 s
+for a keras.applications model at a small input), with progress on the way.
 
 `deploy` picks the TFLite file measured: "float" (the default) or "int8", full-integer
 (`to_tflite(m, "int8", representative, weight_scales="per_channel")`, int8 inputs and outputs,
@@ -31,58 +37,50 @@ pad the input channels to a tile as well as the output ones: both sides are stai
 wider gaps, linear as for float). The product rule holds for int8 as well as for float (a few %
 mean error, the smallest corners underestimated).
 
-`pruned_ms` is the other measurement channel pruning makes: a whole pruned model's latency,
-for the `latency` target.
+Predictions are vectorised (`ChannelGraph.widths`, `_flat_curves`): the latency-aware exchange
+asks for ~10^5 of them.
 """
 from __future__ import annotations
 
 import json
-import os
-import platform
+import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from pocketflow.errors import PocketFlowError
 from pocketflow.io import atomic_write_text
 from pocketflow.learners.channel_pruning.counts import allowed_counts
 from pocketflow.learners.channel_pruning.graph import ChannelGraph
+from pocketflow.learners.channel_pruning.latency_measure import (DEPLOYS, _deploy, _machine,  # noqa: F401
+                                                                 calibration_images, convert, default_cache,
+                                                                 measure_layer, pruned_ms)
 from pocketflow.learners.topology import PRODUCER, SEPARABLE
 
 
-def default_cache() -> Path:
-    root = os.environ.get("POCKETFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pocketflow")
-    return Path(root) / "latency_table.json"
-
-
-def _machine() -> str:
-    import tensorflow as tf
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} | {os.cpu_count()} cpus | tf {tf.__version__}"
+def _anchor(c: int) -> bool:
+    """Counts above 128 measured (on any grid): multiples of 64 to 256, of 128 to 512, of 256
+    above. The same for every layer, so equal layer shapes of different widths share entries;
+    between them the table interpolates (on tile multiples XNNPACK's cost is close to linear)."""
+    return c <= 128 or c % (64 if c <= 256 else 128 if c <= 512 else 256) == 0
 
 
 def _thin(counts, keep_every: int = 4) -> list[int]:
-    """Counts to measure: every `keep_every`-th small count, all the rest (tile steps), both ends."""
+    """Counts to measure: every `keep_every`-th count to 16, the tile steps to 128, then the
+    `_anchor` counts above 128, both ends."""
     counts = sorted(set(int(c) for c in counts))
     if len(counts) <= 6:
         return counts
-    small = [c for c in counts if c % keep_every == 0 or c == counts[0]]
-    big = [c for c in counts if c > 16]
+    small = [c for c in counts if c <= 16 and c % keep_every == 0]
+    big = [c for c in counts if c > 16 and _anchor(c)]
     return sorted(set(small + big + [counts[0], counts[-1]]))
 
 
 def side_counts(g: ChannelGraph, m: int, t: int, lo: float):
     """layout -> the kept-position counts a layer's input or output can take with channel
-    multiple `m`, tile `t` and ratio floor `lo` (what the table measures)."""
+    multiple `m`, tile `t` and ratio floor `lo` (what the table measures). A layout of several
+    groups (a concatenation) can keep any sum: it is measured at the tile multiples from the
+    floor (shared by every layer reading a concatenation of that shape, e.g. DenseNet's)."""
     def side(lay):
         ids = [int(i) for i in np.unique(lay.group)]
         movable = [i for i in ids if i >= 0 and g.groups[i].prunable]
@@ -92,66 +90,14 @@ def side_counts(g: ChannelGraph, m: int, t: int, lo: float):
             gr, rep = g.groups[ids[0]], len(lay) // g.groups[ids[0]].size
             ok = allowed_counts(gr.size, m, t)
             return [int(rep * c) for c in ok if c >= min(ok[-1], lo * gr.size - 1e-9)]
+        fixed = sum(n for i, n in lay.positions.items() if i not in movable)
+        step = max(t, m, 1)
+        floor = fixed + sum(lo * n for i, n in lay.positions.items() if i in movable)
+        if step > 1:
+            grid = [c for c in range(step, len(lay), step) if c >= floor - step]
+            return sorted(set(grid) | {len(lay)})
         return sorted({int(round(len(lay) * f)) for f in np.linspace(lo, 1.0, 9)} | {len(lay)})
     return side
-
-
-DEPLOYS = ("float", "int8")
-
-
-def _deploy(deploy: str) -> str:
-    if deploy not in DEPLOYS:
-        raise PocketFlowError(f"unknown deploy '{deploy}': choose {' or '.join(DEPLOYS)}")
-    return deploy
-
-
-def calibration_images(input_shape, n: int = 16, seed: int = 0) -> np.ndarray:
-    """`n` float32 inputs of `input_shape` (no batch dimension), uniform in [0, 1]: what int8
-    timing calibrates with (the scales it picks do not change the kernels' cost)."""
-    return np.random.default_rng(seed).random((n, *input_shape), dtype=np.float32)
-
-
-def convert(model, deploy: str = "float", representative: np.ndarray | None = None) -> bytes:
-    """`model`'s TFLite file as `deploy` ships it (int8: full-integer, per-channel weight scales,
-    calibrated on `representative` or on `calibration_images`)."""
-    from pocketflow.export import to_tflite
-    if _deploy(deploy) == "float":
-        return to_tflite(model)
-    if representative is None:
-        representative = calibration_images(tuple(model.input_shape[1:]))
-    with warnings.catch_warnings():  # int8 inputs: said once per conversion, hundreds per table
-        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-        return to_tflite(model, "int8", representative, weight_scales="per_channel")
-
-
-def pruned_ms(model, g: ChannelGraph, counts: dict, deploy: str = "float",
-              representative: np.ndarray | None = None) -> float:
-    """TFLite latency (batch 1, 1 thread) of `model` pruned to `counts` (first channels kept),
-    converted as `deploy` ("float" or "int8", see `convert`): the fastest of 60 invokes after 5
-    warm-up ones, which other jobs on a shared machine can only slow down (a median moves with
-    their load)."""
-    from pocketflow import metrics as M
-    _deploy(deploy)
-    pruned = g.prune(model, {gid: np.arange(k) for gid, k in counts.items()})
-    run = M.TFLiteRunner(convert(pruned, deploy, representative), threads=1, batch=1)
-    x = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
-    return float(M.invoke_ms(run, x, 60, warmup=5).min())
-
-
-def _invoke_only_ms(runner, x: np.ndarray, runs: int, warmup: int = 0) -> np.ndarray:
-    """Wall time of each of `runs` bare `invoke`s (ms), the input set once. An int8 layer's input
-    and output stay int8 inside a deployed model: the runner's numpy (de)quantization of a whole
-    feature map (23-60 us a layer of ResNet-20 on the AMD EPYC of docs/benchmarks/int8_latency.md,
-    as much as the convolution itself) is no part of its cost."""
-    runner(x)
-    for _ in range(warmup):
-        runner.interp.invoke()
-    times = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        runner.interp.invoke()
-        times[i] = (time.perf_counter() - t0) * 1e3
-    return times
 
 
 def _step_up(x, xp, fp, tile: int = 4) -> np.ndarray:
@@ -186,7 +132,8 @@ class LatencyTable:
         self.graph, self.settings = graph, [tuple(int(v) for v in s) for s in settings]
         self.invokes, self._given = invokes, measure
         self.cache = Path(cache) if cache else default_cache()
-        self.layers: dict[str, dict] = {}  # name -> {"sig", "in": [...], "out": [...], "full_in", "full_out"}
+        # name -> {"cls", "cfg", "spatial", "in", "out", "full_in", "full_out", "ref_in"}
+        self.layers: dict[str, dict] = {}
         for name in graph.order:
             if graph.kinds[name] not in (PRODUCER, SEPARABLE):
                 continue
@@ -200,12 +147,14 @@ class LatencyTable:
                    if k in ("kernel_size", "strides", "padding", "dilation_rate", "depth_multiplier", "use_bias")
                    or k == "groups" and v != 1}  # (groups=1 left out: cached keys stay valid)
             spatial = tuple(int(d) for d in layer.input.shape[1:-1])
+            ins = _thin(side_counts(lin))
             self.layers[name] = {"cls": type(layer).__name__, "cfg": cfg, "spatial": spatial,
-                                 "full_in": len(lin), "full_out": len(lout),
-                                 "in": _thin(side_counts(lin)), "out": _thin(side_counts(lout))}
+                                 "full_in": len(lin), "full_out": len(lout), "in": ins,
+                                 "out": _thin(side_counts(lout)), "ref_in": _ref_in(lin, ins)}
         self._t: dict[str, dict] = {}  # key -> {setting: ms}
         self._memo: dict = {}
         self._curve: dict = {}
+        self._flat: list = []
         self._full: list = []
         self._fill()
 
@@ -216,14 +165,17 @@ class LatencyTable:
             sig.append(self.deploy)
         return json.dumps(sig, sort_keys=True)
 
+    def _pairs(self, spec: dict) -> list[tuple[int, int]]:
+        """The (c_in, c_out) a layer's curves read: outputs at `ref_in` inputs, inputs at all outputs."""
+        return [(spec["ref_in"], c) for c in spec["out"]] + [(c, spec["full_out"]) for c in spec["in"]]
+
     def _wanted(self) -> list[tuple[str, dict, int, int]]:
-        out = []
+        """Every entry the layers need, each key once (equal layer shapes share their entries)."""
+        out = {}
         for spec in self.layers.values():
-            for c in spec["out"]:
-                out.append((self._key(spec, spec["full_in"], c), spec, spec["full_in"], c))
-            for c in spec["in"]:
-                out.append((self._key(spec, c, spec["full_out"]), spec, c, spec["full_out"]))
-        return list({k: (k, s, i, o) for k, s, i, o in out}.values())
+            for cin, cout in self._pairs(spec):
+                out.setdefault(self._key(spec, cin, cout), (spec, cin, cout))
+        return [(k, *v) for k, v in out.items()]
 
     def _fill(self) -> None:
         from pocketflow.distributed import world
@@ -232,8 +184,7 @@ class LatencyTable:
         if self._given is not None:
             table = {k: dict(self._given(spec, cin, cout)) for k, spec, cin, cout in self._wanted()}
         elif w.is_root:
-            machine = _machine()
-            disk = {}
+            disk, machine = {}, _machine()
             try:
                 disk = json.loads(self.cache.read_text())
             except (OSError, ValueError):
@@ -242,14 +193,7 @@ class LatencyTable:
             names = [f"b{b}_t{t}" for b, t in self.settings]
             todo = [(k, s, i, o) for k, s, i, o in self._wanted() if any(n not in mine.get(k, {}) for n in names)]
             if todo:
-                t0 = time.perf_counter()
-                for k, spec, cin, cout in todo:
-                    try:
-                        mine[k] = {**mine.get(k, {}), **self._measure(spec, cin, cout)}
-                    except Exception:  # noqa: BLE001  a layer TFLite cannot take on its own: left out below
-                        continue
-                print(f"channel_pruning: measured {len(todo)} layer shapes for the {self.deploy} latency table in "
-                      f"{time.perf_counter() - t0:.0f}s ({self.cache})", flush=True)
+                self._measure_all(todo, mine)
                 try:  # workers measuring at once: each write is whole (the last one wins)
                     atomic_write_text(self.cache, json.dumps(disk))
                 except OSError:
@@ -257,69 +201,95 @@ class LatencyTable:
             table = {k: mine[k] for k, *_ in self._wanted() if k in mine}
         self._t = w.broadcast_object(table) if w.distributed and self._given is None else table
         for name, spec in list(self.layers.items()):  # drop layers with a missing measurement
-            if any(self._key(spec, spec["full_in"], c) not in self._t for c in spec["out"]) or any(
-                    self._key(spec, c, spec["full_out"]) not in self._t for c in spec["in"]):
+            if any(self._key(spec, i, o) not in self._t for i, o in self._pairs(spec)):
                 del self.layers[name]
 
-    def _measure(self, spec: dict, cin: int, cout: int) -> dict:
-        import keras
+    def _measure_all(self, todo: list, mine: dict) -> None:
+        """Measure `todo` into `mine`, saying what it does: a tqdm bar on a terminal, else a line
+        every 25 shapes (the first use of a big model takes a minute)."""
+        t0, n = time.perf_counter(), len(todo)
+        print(f"channel_pruning: measuring {n} layer shapes (TFLite, {self.deploy}) for the latency table "
+              f"({len(self.layers)} layers; cached in {self.cache})", flush=True)
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            bar = tqdm(total=n, desc="latency table", unit="shape", leave=False)
+        for i, (k, spec, cin, cout) in enumerate(todo, 1):
+            try:
+                mine[k] = {**mine.get(k, {}), **self._measure(spec, cin, cout)}
+            except Exception:  # noqa: BLE001  a layer TFLite cannot take on its own: left out below
+                pass
+            if bar is not None:
+                bar.update()
+            elif i % 25 == 0 and i < n:
+                print(f"channel_pruning: latency table {i}/{n} shapes, {time.perf_counter() - t0:.0f}s", flush=True)
+        if bar is not None:
+            bar.close()
+        print(f"channel_pruning: measured {n} layer shapes for the {self.deploy} latency table in "
+              f"{time.perf_counter() - t0:.0f}s ({self.cache})", flush=True)
 
-        from pocketflow import metrics as M
-        L = keras.layers
-        cfg = dict(spec["cfg"])
-        if spec["cls"] == "Dense":
-            inp = keras.Input((cin,))
-            layer = L.Dense(cout, use_bias=cfg.get("use_bias", True))
-        else:
-            inp = keras.Input((*spec["spatial"], cin))
-            layer = getattr(L, spec["cls"])(cout, **cfg)
-        blob = convert(keras.Model(inp, layer(inp)), self.deploy)
-        out = {}
-        for batch, threads in self.settings:
-            run = M.TFLiteRunner(blob, threads=threads, batch=batch)
-            x = np.random.default_rng(0).random((batch, *inp.shape[1:]), dtype=np.float32)
-            n = self.invokes if batch == 1 else max(3, self.invokes // 3)
-            if self.deploy == "float":
-                out[f"b{batch}_t{threads}"] = float(M.invoke_ms(run, x, n, warmup=1).min())
-            else:
-                out[f"b{batch}_t{threads}"] = float(_invoke_only_ms(run, x, n, warmup=1).min())
-        return out
+    def _measure(self, spec: dict, cin: int, cout: int) -> dict:
+        return measure_layer(spec, cin, cout, self.settings, self.invokes, self.deploy)
 
     # -- prediction ---------------------------------------------------------------------------------
     def _curves(self, name: str, setting: tuple):
-        """(t_out over 0..C_out, t_in over 0..C_in, t at full width), interpolated once."""
+        """(t_out over 0..C_out, t_in over 0..C_in relative to full width, t at full width),
+        interpolated once. Outputs measured at `ref_in` < C_in inputs are scaled to C_in by the
+        product rule itself: t(C_in, c) = t(ref_in, c) * t(C_in, C_out) / t(ref_in, C_out)."""
         key = (name, setting)
         hit = self._curve.get(key)
         if hit is None:
             spec, s = self.layers[name], f"b{setting[0]}_t{setting[1]}"
-            fi, fo = spec["full_in"], spec["full_out"]
+            fi, fo, ref = spec["full_in"], spec["full_out"], spec["ref_in"]
             full = max(self._t[self._key(spec, fi, fo)][s], 1e-9)
+            scale = full / max(self._t[self._key(spec, ref, fo)][s], 1e-9) if ref != fi else 1.0
             fill = np.interp if self.deploy == "float" else _step_up
-            t_out = fill(np.arange(fo + 1), spec["out"], [self._t[self._key(spec, fi, c)][s] for c in spec["out"]])
+            t_out = fill(np.arange(fo + 1), spec["out"], [self._t[self._key(spec, ref, c)][s] for c in spec["out"]])
             t_in = fill(np.arange(fi + 1), spec["in"], [self._t[self._key(spec, c, fo)][s] for c in spec["in"]])
-            hit = self._curve[key] = (t_out, t_in / full, full)
+            hit = self._curve[key] = (t_out * scale, t_in / full, full)
         return hit
 
     def layer_ms(self, name: str, cin: int, cout: int, setting: tuple) -> float:
         t_out, t_in, _ = self._curves(name, setting)
         return float(t_out[cout] * t_in[cin])
 
-    def _widths(self, counts: dict) -> list[tuple[str, int, int]]:
-        g = self.graph
-        return [(name, g._kept(g.lay_in[name], counts)[0], g._kept(g.lay_out[name], counts)[0]) for name in self.layers]
+    def _flat_curves(self):
+        """Per setting: every layer's curves end to end, with each layer's offsets, so a model's
+        prediction is two gathers and a dot product."""
+        if not self._flat:
+            names = list(self.layers)
+            for s in self.settings:
+                outs, ins = zip(*[self._curves(n, s)[:2] for n in names]) if names else ((), ())
+                o_off = np.cumsum([0, *[len(c) for c in outs]])[:-1].astype(np.int64)
+                i_off = np.cumsum([0, *[len(c) for c in ins]])[:-1].astype(np.int64)
+                self._flat.append((np.concatenate(outs or [np.zeros(0)]), o_off,
+                                   np.concatenate(ins or [np.zeros(0)]), i_off))
+        return self._flat
 
-    def model_ms(self, counts: dict, setting: tuple, widths=None) -> float:
+    def model_ms(self, counts: dict, setting: tuple) -> float:
         """Predicted latency (ms, producers only) with `counts[group]` channels kept."""
-        return sum(self.layer_ms(n, i, o, setting) for n, i, o in (widths or self._widths(counts)))
+        return self._model_ms(counts)[self.settings.index(tuple(setting))]
+
+    def _model_ms(self, counts: dict) -> list[float]:
+        kin, kout = self.graph.widths(counts, tuple(self.layers))
+        return [float(np.dot(to[oo + kout], ti[io + kin])) for to, oo, ti, io in self._flat_curves()]
 
     def cost(self, counts: dict) -> float:
         """Mean over the settings of the predicted latency relative to the unpruned model."""
-        key = tuple(sorted(counts.items()))
+        key = tuple(counts.items())  # (an equal dict in another order only misses the memo)
         hit = self._memo.get(key)
         if hit is None:
             if not self._full:
-                self._full = [max(self.model_ms({}, s), 1e-9) for s in self.settings]
-            widths = self._widths(counts)
-            hit = self._memo[key] = float(np.mean([self.model_ms(counts, s, widths) / f
-                                                   for s, f in zip(self.settings, self._full)]))
+                self._full = [max(v, 1e-9) for v in self._model_ms({})]
+            hit = self._memo[key] = float(np.mean([v / f for v, f in zip(self._model_ms(counts), self._full)]))
         return hit
+
+
+def _ref_in(lay, ins: list) -> int:
+    """The input width a layer's output curve is measured at: its own, except for a reader of a
+    concatenation (several groups, DenseNet), whose width is rarely another layer's: there the
+    largest measured multiple of 128 below it, shared by the layers around it."""
+    full = len(lay)
+    if len(lay.positions) < 2 or full % 128 == 0:
+        return full
+    return max((c for c in ins if c % 128 == 0 and c < full), default=full)
