@@ -78,21 +78,28 @@ def test_a_dense_float_file_cannot_get_smaller_and_is_refused_up_front(small_npz
     assert_one_line_error(proc, "learner 'distillation' cannot target metric 'size'", "packed_size")
 
 
+def run_on_saved_model(model, tmp: Path, name: str, rest: str) -> tuple[Path, str]:
+    """`pocketflow run` of `model` (saved to tmp) on the sample with `rest` of the YAML config;
+    returns (the run directory, what it printed)."""
+    path = tmp / "seed.keras"
+    model.save(path)
+    cfg = tmp / "c.yaml"
+    cfg.write_text(f"name: {name}\nseed: 0\ndata: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\n"
+                   f"model: {{name: {path}}}\n" + rest)
+    proc = run_cli("run", cfg, "--output", tmp / "runs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "runs" / name, proc.stdout
+
+
 @pytest.fixture(scope="module")
 def download_run(tmp_path_factory, trained_seed_cnn):
     """`pocketflow run` with a download_size target, TPE over 4 short trials."""
     tmp = tmp_path_factory.mktemp("dl")
-    model = tmp / "seed.keras"
-    trained_seed_cnn.save(model)
-    cfg = tmp / "c.yaml"
-    cfg.write_text(f"name: dl\nseed: 0\ndata: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\n"
-                   f"model: {{name: {model}}}\n"
-                   "learner: {name: auto, fine_tune: {epochs: 1, steps: 30, batch_size: 64, verbose: false}}\n"
-                   "target: {metric: download_size, ratio: 6, batch: 2, threads: 2}\n"
-                   "search: {optimizer: tpe, trials: 4, trial_steps: 20}\n")
-    proc = run_cli("run", cfg, "--output", tmp / "runs")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "runs" / "dl", proc.stdout, model
+    run, out = run_on_saved_model(trained_seed_cnn, tmp, "dl",
+                                  "learner: {name: auto, fine_tune: {epochs: 1, steps: 30, batch_size: 64, verbose: false}}\n"
+                                  "target: {metric: download_size, ratio: 6, batch: 2, threads: 2}\n"
+                                  "search: {optimizer: tpe, trials: 4, trial_steps: 20}\n")
+    return run, out, tmp / "seed.keras"
 
 
 def test_metrics_json_names_the_file_of_every_ratio(download_run):
@@ -195,18 +202,11 @@ def test_a_method_search_ships_each_methods_own_file_type(trained_seed_cnn, tmp_
     """Auto over a float method and an int8 one: every trial is measured on its own method's file,
     and best/ ships the chosen method's (metrics.json and the files agree)."""
     import optuna
-    model = tmp_path / "seed.keras"
-    trained_seed_cnn.save(model)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"name: mix\nseed: 0\ndata: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\n"
-                   f"model: {{name: {model}}}\n"
-                   "learner: {name: auto, methods: [[channel_pruning], [uniform_quant]],\n"
-                   "          fine_tune: {epochs: 1, steps: 10, batch_size: 64, verbose: false}}\n"
-                   "target: {metric: size, ratio: 1.5}\n"
-                   "search: {optimizer: tpe, trials: 2, trial_steps: 5}\n")
-    proc = run_cli("run", cfg, "--output", tmp_path / "runs")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "mix"
+    run, _ = run_on_saved_model(trained_seed_cnn, tmp_path, "mix",
+                                "learner: {name: auto, methods: [[channel_pruning], [uniform_quant]],\n"
+                                "          fine_tune: {epochs: 1, steps: 10, batch_size: 64, verbose: false}}\n"
+                                "target: {metric: size, ratio: 1.5}\n"
+                                "search: {optimizer: tpe, trials: 2, trial_steps: 5}\n")
     trials = optuna.load_study(study_name="mix", storage=f"sqlite:///{run / 'study.db'}").get_trials()
     files = {t.params["method"]: t.user_attrs["file"] for t in trials if t.state.name == "COMPLETE"}
     assert files == {"channel_pruning": "model.tflite", "uniform_quant": "model_int8.tflite"}
@@ -248,17 +248,11 @@ def test_sparse_encoding_through_a_run_and_pocketflow_export(trained_seed_cnn, t
     interpreter runs it alike (unstructured int8 Dense kernels do not: docs/benchmarks/sparse_encoding.md)
     and its ratios are measured on it as written; `pocketflow export --sparse-encoding off` writes
     the dense float file back and metrics.json follows the files on disk."""
-    model = tmp_path / "seed.keras"
-    trained_seed_cnn.save(model)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"name: sp\nseed: 0\ndata: {{name: npz, path: {SMALL_NPZ}, val_split: 0.1}}\n"
-                   f"model: {{name: {model}}}\n"
-                   "learner: {name: weight_sparsity, sparsity: 0.9,\n"
-                   "          fine_tune: {epochs: 1, steps: 10, batch_size: 64, verbose: false}}\n"
-                   "export: {sparse_encoding: auto}\n")
-    proc = run_cli("run", cfg, "--output", tmp_path / "runs")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    best = tmp_path / "runs" / "sp" / "best"
+    run, _ = run_on_saved_model(trained_seed_cnn, tmp_path, "sp",
+                                "learner: {name: weight_sparsity, sparsity: 0.9,\n"
+                                "          fine_tune: {epochs: 1, steps: 10, batch_size: 64, verbose: false}}\n"
+                                "export: {sparse_encoding: auto}\n")
+    best = run / "best"
     m = json.loads((best / "metrics.json").read_text())
     encoded = (best / "model.tflite").read_bytes()
     assert m["exports"]["tflite"]["sparse_encoding"] == {"mode": "auto", "encoded": True}
