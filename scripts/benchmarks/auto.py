@@ -44,10 +44,10 @@ QUICK = ["data.name=npz", f"data.path={ROOT / 'tests' / 'data' / 'fashion_mnist_
 # engineer would set by hand (QAT at a quarter of the config's learning rate, as auto's recipe does)
 HAND = {
     "resnet-latency": ("int8 QAT alone, no search",
-                       ["learner.name=uniform_quant", "learner.fine_tune.learning_rate=0.0025", "search.optimizer=none"]),
+                       ["learner.name=uniform_quant", "learner.fine_tune.learning_rate=0.0025", "search={optimizer: none}"]),
     "resnet-latency-6x": ("channels at one keep ratio -> int8 QAT, no search",
                           ["learner.name=chain", "learner.steps=[channel_pruning, uniform_quant]",
-                           "learner.uniform_quant={fine_tune: {learning_rate: 0.0025}}", "search.optimizer=none"]),
+                           "learner.uniform_quant={fine_tune: {learning_rate: 0.0025}}", "search={optimizer: none}"]),
 }
 
 
@@ -117,8 +117,11 @@ def main(argv=None) -> int:
             print({k: v for k, v in r.items() if k not in ("log", "ratios")}, flush=True)
             rows += [r] + ([] if a.quick else hand_rows(c))
             if a.hand and c in HAND:
-                rows.append(run_case(c, a.quick, Path(d), hand=True))
-                print({k: v for k, v in rows[-1].items() if k not in ("log", "ratios")}, flush=True)
+                try:  # a failed hand run must not lose the auto row just measured
+                    rows.append(run_case(c, a.quick, Path(d), hand=True))
+                    print({k: v for k, v in rows[-1].items() if k not in ("log", "ratios")}, flush=True)
+                except RuntimeError as e:
+                    print(f"hand recipe of {c} failed: {e}", file=sys.stderr, flush=True)
     if not a.quick and (DOCS / f"{name}.json").exists():  # the cases not run now keep their last rows
         kept = [r for r in json.loads((DOCS / f"{name}.json").read_text())["rows"] if r["case"] not in cases
                 or (not a.hand and r["method"].startswith("hand: ") and "command" in r)]  # hand rows run here
